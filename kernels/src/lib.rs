@@ -1,0 +1,3 @@
+//! Tessera's numeric core: GGML quantization formats (block layouts, scalar reference dequantization and
+//! quantizers) now, compute kernels later.
+pub mod quant;

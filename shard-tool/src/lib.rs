@@ -9,5 +9,6 @@
 pub mod config;
 pub mod error;
 pub mod source;
+pub mod tensor;
 
 pub use error::{Error, Result};

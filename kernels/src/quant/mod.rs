@@ -2,9 +2,24 @@
 //! (de)quantizers. Layouts follow ggml's `ggml-common.h`; every block struct has a compile-time size check.
 //!
 //! A quantized row of `n` elements is `n / block_size` consecutive blocks; rows are stored back to back.
-//! Dequantization here is the *reference*: it must equal the official `gguf` Python package's `dequantize`.
+//! Dequantization here is the *reference*: it must equal the official `gguf` Python package's `dequantize`
+//! bit for bit, and the quantizers follow ggml's `quantize_row_*_ref` in `ggml-quants.c` (no importance
+//! matrix), which is what `gguf.quants.quantize` mirrors for the types it can write.
+//!
+//! Files: `block` (the block trait and row drivers), `float` (F32/F16/BF16), `legacy` (Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q8_0), `k_quants` (Q2_K..Q6_K layouts, dequantization, packing) and `k_search` (the scale searches the
+//! k-quant quantizers share). SIMD kernels will be siblings of these files and are tested against them.
 
 use thiserror::Error;
+
+mod block;
+mod float;
+mod k_quants;
+mod k_search;
+mod legacy;
+
+pub use k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, K_SCALE_SIZE, QK_K};
+pub use legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, QK4_0, QK4_1, QK5_0, QK5_1, QK8_0};
 
 /// Element type of a tensor, with the numeric ids GGUF uses on disk (`ggml_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,6 +55,9 @@ pub enum QuantError {
     /// The type has no quantizer in Tessera.
     #[error("no quantizer for {0:?}")]
     NoQuantizer(GgmlType),
+    /// The byte count of `n` elements does not fit in `usize` (a corrupt or hostile shape).
+    #[error("{ty:?}: {n} elements need more bytes than fit in memory")]
+    SizeOverflow { ty: GgmlType, n: usize },
 }
 
 pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
@@ -116,7 +134,7 @@ impl GgmlType {
     }
 
     /// Elements per block (1 for plain float types).
-    pub fn block_size(self) -> usize {
+    pub const fn block_size(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => 32,
@@ -125,7 +143,7 @@ impl GgmlType {
     }
 
     /// Bytes per block.
-    pub fn type_size(self) -> usize {
+    pub const fn type_size(self) -> usize {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
@@ -148,12 +166,79 @@ impl GgmlType {
         if n % block != 0 {
             return Err(QuantError::NotBlockAligned { ty: self, block, n });
         }
-        Ok(n / block * self.type_size())
+        (n / block).checked_mul(self.type_size()).ok_or(QuantError::SizeOverflow { ty: self, n })
     }
 
-    pub fn is_quantized(self) -> bool {
+    pub const fn is_quantized(self) -> bool {
         self.block_size() > 1
     }
+
+    /// Whether [`quantize_row`] can write this type.
+    pub const fn has_quantizer(self) -> bool {
+        // Every supported type has a reference quantizer today; kept so that a type added for reading only
+        // (an IQ type, say) answers `NoQuantizer` instead of failing somewhere deeper.
+        true
+    }
+}
+
+/// Decodes one row of `dst.len()` elements of type `ty` from `src`.
+///
+/// `dst.len()` must be a whole number of blocks and `src` exactly the bytes those blocks take. Equals
+/// `gguf.quants.dequantize` (and ggml's `dequantize_row_*`) bit for bit: same float operations in the same order.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
+    check_lengths(ty, dst.len(), src.len())?;
+    match ty {
+        GgmlType::F32 => float::dequantize_f32(src, dst),
+        GgmlType::F16 => float::dequantize_f16(src, dst),
+        GgmlType::BF16 => float::dequantize_bf16(src, dst),
+        GgmlType::Q4_0 => block::dequantize_blocks::<BlockQ4_0, _, _>(src, dst),
+        GgmlType::Q4_1 => block::dequantize_blocks::<BlockQ4_1, _, _>(src, dst),
+        GgmlType::Q5_0 => block::dequantize_blocks::<BlockQ5_0, _, _>(src, dst),
+        GgmlType::Q5_1 => block::dequantize_blocks::<BlockQ5_1, _, _>(src, dst),
+        GgmlType::Q8_0 => block::dequantize_blocks::<BlockQ8_0, _, _>(src, dst),
+        GgmlType::Q2_K => block::dequantize_blocks::<BlockQ2K, _, _>(src, dst),
+        GgmlType::Q3_K => block::dequantize_blocks::<BlockQ3K, _, _>(src, dst),
+        GgmlType::Q4_K => block::dequantize_blocks::<BlockQ4K, _, _>(src, dst),
+        GgmlType::Q5_K => block::dequantize_blocks::<BlockQ5K, _, _>(src, dst),
+        GgmlType::Q6_K => block::dequantize_blocks::<BlockQ6K, _, _>(src, dst),
+    }
+    Ok(())
+}
+
+/// Quantizes `src` (a whole number of blocks) to type `ty`, appending the blocks to `dst`.
+///
+/// Follows ggml's `quantize_row_*_ref` without an importance matrix; for F32/F16/BF16 and the legacy types the
+/// output is byte-identical to `gguf.quants.quantize`. On error nothing is appended.
+pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut Vec<u8>) -> Result<(), QuantError> {
+    if !ty.has_quantizer() {
+        return Err(QuantError::NoQuantizer(ty));
+    }
+    let bytes = ty.bytes_for(src.len())?;
+    dst.reserve(bytes);
+    match ty {
+        GgmlType::F32 => float::quantize_f32(src, dst),
+        GgmlType::F16 => float::quantize_f16(src, dst),
+        GgmlType::BF16 => float::quantize_bf16(src, dst),
+        GgmlType::Q4_0 => block::quantize_blocks::<BlockQ4_0, _, _>(src, dst),
+        GgmlType::Q4_1 => block::quantize_blocks::<BlockQ4_1, _, _>(src, dst),
+        GgmlType::Q5_0 => block::quantize_blocks::<BlockQ5_0, _, _>(src, dst),
+        GgmlType::Q5_1 => block::quantize_blocks::<BlockQ5_1, _, _>(src, dst),
+        GgmlType::Q8_0 => block::quantize_blocks::<BlockQ8_0, _, _>(src, dst),
+        GgmlType::Q2_K => block::quantize_blocks::<BlockQ2K, _, _>(src, dst),
+        GgmlType::Q3_K => block::quantize_blocks::<BlockQ3K, _, _>(src, dst),
+        GgmlType::Q4_K => block::quantize_blocks::<BlockQ4K, _, _>(src, dst),
+        GgmlType::Q5_K => block::quantize_blocks::<BlockQ5K, _, _>(src, dst),
+        GgmlType::Q6_K => block::quantize_blocks::<BlockQ6K, _, _>(src, dst),
+    }
+    Ok(())
+}
+
+fn check_lengths(ty: GgmlType, n: usize, got: usize) -> Result<(), QuantError> {
+    let expected = ty.bytes_for(n)?;
+    if got != expected {
+        return Err(QuantError::WrongByteLength { ty, n, expected, got });
+    }
+    Ok(())
 }
 
 /// ggml's name for a type id, also for the ids Tessera refuses, so that error messages say what the file has.

@@ -18,8 +18,13 @@ mod k_quants;
 mod k_search;
 mod legacy;
 
-pub use k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, K_SCALE_SIZE, QK_K};
-pub use legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, QK4_0, QK4_1, QK5_0, QK5_1, QK8_0};
+pub use block::Block;
+pub use k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, K_SCALE_SIZE, QK_K, get_scale_min_k4,
+};
+pub use legacy::{
+    BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, QK4_0, QK4_1, QK5_0, QK5_1, QK8_0,
+};
 
 /// Element type of a tensor, with the numeric ids GGUF uses on disk (`ggml_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -45,13 +50,26 @@ pub enum GgmlType {
 pub enum QuantError {
     /// A GGUF type id that Tessera does not support (known ggml name given when there is one).
     #[error("unsupported tensor type {name} (ggml type id {id}); supported: {supported}")]
-    UnsupportedType { id: u32, name: &'static str, supported: &'static str },
+    UnsupportedType {
+        id: u32,
+        name: &'static str,
+        supported: &'static str,
+    },
     /// Element count is not a multiple of the block size.
     #[error("{ty:?} needs a multiple of {block} elements, got {n}")]
-    NotBlockAligned { ty: GgmlType, block: usize, n: usize },
+    NotBlockAligned {
+        ty: GgmlType,
+        block: usize,
+        n: usize,
+    },
     /// Byte buffer length does not match the element count.
     #[error("{ty:?}: {n} elements need {expected} bytes, got {got}")]
-    WrongByteLength { ty: GgmlType, n: usize, expected: usize, got: usize },
+    WrongByteLength {
+        ty: GgmlType,
+        n: usize,
+        expected: usize,
+        got: usize,
+    },
     /// The type has no quantizer in Tessera.
     #[error("no quantizer for {0:?}")]
     NoQuantizer(GgmlType),
@@ -60,7 +78,8 @@ pub enum QuantError {
     SizeOverflow { ty: GgmlType, n: usize },
 }
 
-pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+pub const SUPPORTED_TYPES: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
 
 impl GgmlType {
     pub const ALL: [GgmlType; 13] = [
@@ -126,7 +145,9 @@ impl GgmlType {
 
     /// Parses a name as printed by llama.cpp (`Q4_K`, `q8_0`, `bf16`, ...).
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.name().eq_ignore_ascii_case(name))
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     pub fn name(self) -> &'static str {
@@ -163,10 +184,12 @@ impl GgmlType {
     /// Bytes needed for `n` elements, or an error when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Result<usize, QuantError> {
         let block = self.block_size();
-        if n % block != 0 {
+        if !n.is_multiple_of(block) {
             return Err(QuantError::NotBlockAligned { ty: self, block, n });
         }
-        (n / block).checked_mul(self.type_size()).ok_or(QuantError::SizeOverflow { ty: self, n })
+        (n / block)
+            .checked_mul(self.type_size())
+            .ok_or(QuantError::SizeOverflow { ty: self, n })
     }
 
     pub const fn is_quantized(self) -> bool {
@@ -207,8 +230,9 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Q
 
 /// Quantizes `src` (a whole number of blocks) to type `ty`, appending the blocks to `dst`.
 ///
-/// Follows ggml's `quantize_row_*_ref` without an importance matrix; for F32/F16/BF16 and the legacy types the
-/// output is byte-identical to `gguf.quants.quantize`. On error nothing is appended.
+/// Follows ggml's `quantize_row_*_ref` without an importance matrix. F32/F16/BF16 and the legacy types are
+/// byte-identical to `gguf.quants.quantize`; the k-quants to ggml's C reference built without FMA contraction
+/// (as x86-64 builds of ggml-base are; gguf-py has no k-quant quantizer). On error nothing is appended.
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut Vec<u8>) -> Result<(), QuantError> {
     if !ty.has_quantizer() {
         return Err(QuantError::NoQuantizer(ty));
@@ -236,13 +260,19 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut Vec<u8>) -> Result<(), 
 fn check_lengths(ty: GgmlType, n: usize, got: usize) -> Result<(), QuantError> {
     let expected = ty.bytes_for(n)?;
     if got != expected {
-        return Err(QuantError::WrongByteLength { ty, n, expected, got });
+        return Err(QuantError::WrongByteLength {
+            ty,
+            n,
+            expected,
+            got,
+        });
     }
     Ok(())
 }
 
 /// ggml's name for a type id, also for the ids Tessera refuses, so that error messages say what the file has.
 pub fn ggml_type_name(id: u32) -> &'static str {
+    #[rustfmt::skip]
     const NAMES: [&str; 40] = [
         "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
         "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",

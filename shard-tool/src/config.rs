@@ -70,13 +70,13 @@ impl ModelConfig {
                 return Err(format!("{name} is 0"));
             }
         }
-        if self.n_head % self.n_head_kv != 0 {
+        if !self.n_head.is_multiple_of(self.n_head_kv) {
             return Err(format!(
                 "attention.head_count ({}) is not a multiple of attention.head_count_kv ({})",
                 self.n_head, self.n_head_kv
             ));
         }
-        if self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
+        if self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
             return Err(format!("rope dimension {} must be even and ≤ head dimension {}", self.rope_dim, self.head_dim));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {

@@ -53,6 +53,18 @@ impl ByteSource {
         Ok(ByteSource { pieces, base: 0, len: start })
     }
 
+    /// A source over bytes held in memory (an anonymous read-only map), named `<memory>` in messages.
+    /// For fuzzing and tests of the readers; real checkpoints go through [`ByteSource::open`].
+    #[doc(hidden)]
+    pub fn from_vec(bytes: Vec<u8>) -> Result<Self> {
+        let path = PathBuf::from("<memory>");
+        let mut map = memmap2::MmapMut::map_anon(bytes.len()).map_err(|e| Error::io(&path, e))?;
+        map.copy_from_slice(&bytes);
+        let map = map.make_read_only().map_err(|e| Error::io(&path, e))?;
+        let len = map.len() as u64;
+        Ok(ByteSource { pieces: vec![Piece { path, map, start: 0 }], base: 0, len })
+    }
+
     /// Length of the (windowed) logical file.
     pub fn len(&self) -> u64 {
         self.len

@@ -40,9 +40,9 @@ impl TensorDesc {
 
     /// Bytes of the whole tensor.
     pub fn n_bytes(&self) -> Result<u64, QuantError> {
-        let overflow = QuantError::SizeOverflow { ty: self.ty, n: usize::MAX };
-        let rows = self.shape.iter().skip(1).try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or(overflow.clone())?;
-        self.row_bytes()?.checked_mul(rows).ok_or(overflow)
+        let overflow = || QuantError::SizeOverflow { ty: self.ty, n: usize::MAX };
+        let rows = self.shape.iter().skip(1).try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(overflow)?;
+        self.row_bytes()?.checked_mul(rows).ok_or_else(overflow)
     }
 }
 

@@ -33,7 +33,7 @@ echo $((limit_mib * 1024 * 1024)) > "$cg/memory.limit_in_bytes"
 echo 0 > "$cg/memory.max_usage_in_bytes" 2>/dev/null || true
 drop
 run_split() {
-  sh -c "echo \$\$ > $cg/cgroup.procs; exec /usr/bin/time -f '%M' -o '$work/split.rss' '$bin' split '$src' --tp $tp --pp $pp -o '$work/split-out' --force --quiet"
+  sh -c "echo \$\$ > $cg/cgroup.procs; exec /usr/bin/time -f '%M' -o '$work/split.rss' '$bin' split '$src' --tp $tp --pp $pp -o '$work/split-out' --force --quiet >&2"
 }
 split_s=$(secs run_split)
 rss_kib=$(tail -n 1 "$work/split.rss")
@@ -47,4 +47,4 @@ echo "| checkpoint | bytes | cp s | cp GB/s | split s | split GB/s | split/cp | 
 echo "|---|---|---|---|---|---|---|---|---|"
 printf '| %s %s layers %s, tp=%s pp=%s | %s | %.2f | %s | %.2f | %s | %.2f | %d | %d |\n' \
   "$shape" "$layers" "$quant" "$tp" "$pp" "$bytes" "$cp_s" "$(gbs "$bytes" "$cp_s")" "$split_s" \
-  "$(gbs "$out_bytes" "$split_s")" "$(echo "$cp_s / $split_s" | bc -l)" $((rss_kib / 1024)) "$limit_mib"
+  "$(gbs "$out_bytes" "$split_s")" "$(echo "($out_bytes / $split_s) / ($bytes / $cp_s)" | bc -l)" $((rss_kib / 1024)) "$limit_mib"

@@ -164,19 +164,23 @@ impl Checkpoint {
         }
     }
 
-    /// Drops tensor `index`'s pages from this process's resident set (they stay in the page cache).
-    pub fn release(&self, index: usize) {
+    /// Drops the pages of rows `rows` of tensor `index` from this process's resident set (they stay in the
+    /// page cache and fault back in if read again). Streaming `split` calls it after each chunk so that even
+    /// one tensor larger than the memory limit (Llama 3's 128256-row embedding) never accumulates in RSS.
+    pub fn release_rows(&self, index: usize, rows: Range<u64>) {
+        let Some(desc) = self.tensors.get(index) else { return };
+        let Ok(row_bytes) = desc.row_bytes() else { return };
+        let (start, len) = (rows.start * row_bytes, (rows.end - rows.start) * row_bytes);
         match &self.inner {
             Inner::Gguf(set) => {
-                if let Some(t) = set.tensors.get(index) {
-                    set.pieces[t.piece].source.release(t.offset, t.size);
-                }
+                let t = &set.tensors[index];
+                set.pieces[t.piece].source.release(t.offset + start, len);
             }
             Inner::Hf(hf) => {
-                if let Some(t) = hf.tensors.get(index) {
-                    let st = &hf.st.tensors[t.st_index];
-                    hf.st.release(st.file, st.offset, st.len);
-                }
+                // Q/K rows are gathered from within the same heads; chunks that cut a head may drop pages
+                // still needed, which only costs a re-read.
+                let st = &hf.st.tensors[hf.tensors[index].st_index];
+                hf.st.release(st.file, st.offset + start, len);
             }
         }
     }

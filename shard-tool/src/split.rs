@@ -242,12 +242,13 @@ pub fn split(ckpt: &Checkpoint, plan: &ShardPlan, opts: &SplitOptions) -> Result
                 writers[shard].write_chunk(part)?;
             }
             bar.inc(chunk.len() as u64);
+            drop(chunk);
+            ckpt.release_rows(index, rows.clone());
             first = rows.end;
         }
         for &(shard, _) in targets {
             writers[shard].end_tensor()?;
         }
-        ckpt.release(index);
     }
     bar.finish_and_clear();
 

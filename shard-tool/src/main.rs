@@ -74,6 +74,9 @@ enum Command {
         /// Bytes per KV-cache element (2 = f16).
         #[arg(long, default_value_t = 2)]
         kv_bytes: usize,
+        /// Print the per-node memory as JSON (exact bytes) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Write one GGUF shard per (stage, rank) and manifest.json into a directory.
     #[command(after_help = MODEL_HELP)]
@@ -174,7 +177,7 @@ fn open(paths: &[PathBuf]) -> Result<Checkpoint> {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Inspect { model } => inspect(&open(&model)?),
-        Command::Plan { model, shape, quant, layers, topo, ctx, batch, kv_bytes } => {
+        Command::Plan { model, shape, quant, layers, topo, ctx, batch, kv_bytes, json } => {
             let (config, tensors) = match shape {
                 Some(preset) => {
                     let config = preset.config_with_layers(layers);
@@ -187,7 +190,11 @@ fn run(command: Command) -> Result<()> {
                 }
             };
             let p = plan(&config, &tensors, &topo.topology()?)?;
-            print_plan(&config, &p, ctx, batch, kv_bytes);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&memory_report(&p, &config, ctx, batch, kv_bytes))?);
+            } else {
+                print_plan(&config, &p, ctx, batch, kv_bytes);
+            }
             Ok(())
         }
         Command::Split { model, topo, out, force, quiet } => {

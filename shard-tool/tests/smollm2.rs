@@ -4,7 +4,9 @@
 use std::io::Write;
 use std::path::Path;
 
-use tessera_tests::{assert_ok, shard_tool, smollm2, stdout};
+mod common;
+
+use common::{assert_ok, shard_tool, smollm2, stdout};
 
 fn split_and_verify(model: &[&Path], tp: usize, pp: usize, verify_against: &[&Path]) {
     let out = tempfile::tempdir().unwrap();

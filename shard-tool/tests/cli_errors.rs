@@ -5,7 +5,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tessera_tests::{assert_fails_with, assert_ok, bin, fixtures, shard_tool};
+mod common;
+
+use common::{assert_fails_with, assert_ok, fixtures, shard_tool};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let p = dir.join(name);
@@ -112,7 +114,7 @@ fn interrupted_split_leaves_nothing_valid() {
         model.to_str().unwrap(),
     ]));
     let out = work.path().join("shards");
-    let mut child = Command::new(bin("shard-tool"))
+    let mut child = Command::new(common::bin())
         .args([Path::new("split"), &model, Path::new("--tp"), Path::new("2"), Path::new("-q"), Path::new("-o"), &out])
         .spawn()
         .unwrap();

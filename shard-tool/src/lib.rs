@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod model_keys;
 pub mod pickle;
 pub mod plan;
+pub mod roles;
 pub mod safetensors;
 pub mod shapes;
 pub mod source;

@@ -212,7 +212,7 @@ fn canonical_tensors(cfg: &ModelConfig, st: &SafetensorsSet, dir: &Path) -> Resu
             tracing::debug!(tensor = %t.hf_name, "ignored: tie_word_embeddings makes the LM head the embedding");
             continue;
         }
-        let expected = role.expected_shape_rowmajor(cfg).ok_or_else(|| {
+        let expected = names::expected_shape_rowmajor(role, cfg).ok_or_else(|| {
             Error::malformed(
                 dir.join("config.json"),
                 format!("dimensions for `{}` overflow", t.hf_name),
@@ -224,7 +224,7 @@ fn canonical_tensors(cfg: &ModelConfig, st: &SafetensorsSet, dir: &Path) -> Resu
                 format!(
                     "tensor `{}` ({}) has shape {:?}, but config.json implies {expected:?}",
                     t.hf_name,
-                    role.canonical_name(),
+                    role.name(),
                     t.shape_rowmajor
                 ),
             ));
@@ -236,7 +236,7 @@ fn canonical_tensors(cfg: &ModelConfig, st: &SafetensorsSet, dir: &Path) -> Resu
                     "tensors `{}` and `{}` both map to `{}`",
                     st.tensors[prev].hf_name,
                     t.hf_name,
-                    role.canonical_name()
+                    role.name()
                 ),
             ));
         }
@@ -248,8 +248,8 @@ fn canonical_tensors(cfg: &ModelConfig, st: &SafetensorsSet, dir: &Path) -> Resu
             .unwrap_or_else(|| st.file_path(0).to_path_buf()),
         key: format!(
             "tensor `{}` ({}){why}",
-            role.hf_name(),
-            role.canonical_name()
+            names::hf_name(role).unwrap_or_default(),
+            role.name()
         ),
     };
     // Lazily, so that a config claiming 2^40 layers fails at the first missing tensor, not in an allocation.
@@ -270,9 +270,9 @@ fn canonical_tensors(cfg: &ModelConfig, st: &SafetensorsSet, dir: &Path) -> Resu
         let &i = found.get(&role).ok_or_else(|| missing(role, why))?;
         let t = &st.tensors[i];
         out.push(HfTensor {
-            desc: TensorDesc::new(role.canonical_name(), t.ty, t.shape_ggml()),
+            desc: TensorDesc::new(role.name(), t.ty, t.shape_ggml()),
             st_index: i,
-            qk: role.qk(),
+            qk: names::qk_kind(role),
             role,
         });
     }

@@ -13,6 +13,8 @@
 use std::ops::Range;
 
 use crate::config::ModelConfig;
+pub use crate::roles::{LayerTensor, Role};
+use crate::roles::parse_layer_number;
 
 /// Which rotary projection a tensor is (they differ in head count: `n_head` vs `n_head_kv`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,106 +33,48 @@ impl QkKind {
     }
 }
 
-/// The tensors of one transformer block, in the order the canonical listing uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum LayerTensor {
-    AttnNorm,
-    AttnQ,
-    AttnK,
-    AttnV,
-    AttnOutput,
-    FfnNorm,
-    FfnGate,
-    FfnUp,
-    FfnDown,
-}
-
-impl LayerTensor {
-    pub const ALL: [LayerTensor; 9] = [
-        LayerTensor::AttnNorm,
-        LayerTensor::AttnQ,
-        LayerTensor::AttnK,
-        LayerTensor::AttnV,
-        LayerTensor::AttnOutput,
-        LayerTensor::FfnNorm,
-        LayerTensor::FfnGate,
-        LayerTensor::FfnUp,
-        LayerTensor::FfnDown,
-    ];
-
-    /// (HF suffix after `model.layers.N.`, GGUF suffix after `blk.N.`).
-    fn names(self) -> (&'static str, &'static str) {
-        match self {
-            LayerTensor::AttnNorm => ("input_layernorm.weight", "attn_norm.weight"),
-            LayerTensor::AttnQ => ("self_attn.q_proj.weight", "attn_q.weight"),
-            LayerTensor::AttnK => ("self_attn.k_proj.weight", "attn_k.weight"),
-            LayerTensor::AttnV => ("self_attn.v_proj.weight", "attn_v.weight"),
-            LayerTensor::AttnOutput => ("self_attn.o_proj.weight", "attn_output.weight"),
-            LayerTensor::FfnNorm => ("post_attention_layernorm.weight", "ffn_norm.weight"),
-            LayerTensor::FfnGate => ("mlp.gate_proj.weight", "ffn_gate.weight"),
-            LayerTensor::FfnUp => ("mlp.up_proj.weight", "ffn_up.weight"),
-            LayerTensor::FfnDown => ("mlp.down_proj.weight", "ffn_down.weight"),
-        }
+/// Hugging Face suffix after `model.layers.N.` of a block tensor.
+fn hf_suffix(t: LayerTensor) -> &'static str {
+    match t {
+        LayerTensor::AttnNorm => "input_layernorm.weight",
+        LayerTensor::AttnQ => "self_attn.q_proj.weight",
+        LayerTensor::AttnK => "self_attn.k_proj.weight",
+        LayerTensor::AttnV => "self_attn.v_proj.weight",
+        LayerTensor::AttnOutput => "self_attn.o_proj.weight",
+        LayerTensor::FfnNorm => "post_attention_layernorm.weight",
+        LayerTensor::FfnGate => "mlp.gate_proj.weight",
+        LayerTensor::FfnUp => "mlp.up_proj.weight",
+        LayerTensor::FfnDown => "mlp.down_proj.weight",
     }
 }
 
-/// What a checkpoint tensor is in the model. Ordered as the canonical listing: embedding, blocks, norm, head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Role {
-    TokenEmbd,
-    Layer(usize, LayerTensor),
-    OutputNorm,
-    Output,
+/// Hugging Face name of a role (`model.layers.3.self_attn.q_proj.weight`); `None` for `rope_freqs`, which
+/// HF checkpoints do not store (the factors come from config.json).
+pub fn hf_name(role: Role) -> Option<String> {
+    Some(match role {
+        Role::TokenEmbd => "model.embed_tokens.weight".into(),
+        Role::Layer(n, t) => format!("model.layers.{n}.{}", hf_suffix(t)),
+        Role::OutputNorm => "model.norm.weight".into(),
+        Role::Output => "lm_head.weight".into(),
+        Role::RopeFreqs => return None,
+    })
 }
 
-impl Role {
-    /// Canonical GGUF name (`blk.3.attn_q.weight`).
-    pub fn canonical_name(self) -> String {
-        match self {
-            Role::TokenEmbd => "token_embd.weight".into(),
-            Role::Layer(n, t) => format!("blk.{n}.{}", t.names().1),
-            Role::OutputNorm => "output_norm.weight".into(),
-            Role::Output => "output.weight".into(),
-        }
+/// Q or K projection of a role (their rows are permuted between HF and GGUF order).
+pub fn qk_kind(role: Role) -> Option<QkKind> {
+    match role {
+        Role::Layer(_, LayerTensor::AttnQ) => Some(QkKind::Q),
+        Role::Layer(_, LayerTensor::AttnK) => Some(QkKind::K),
+        _ => None,
     }
+}
 
-    /// Hugging Face name (`model.layers.3.self_attn.q_proj.weight`).
-    pub fn hf_name(self) -> String {
-        match self {
-            Role::TokenEmbd => "model.embed_tokens.weight".into(),
-            Role::Layer(n, t) => format!("model.layers.{n}.{}", t.names().0),
-            Role::OutputNorm => "model.norm.weight".into(),
-            Role::Output => "lm_head.weight".into(),
-        }
-    }
-
-    pub fn qk(self) -> Option<QkKind> {
-        match self {
-            Role::Layer(_, LayerTensor::AttnQ) => Some(QkKind::Q),
-            Role::Layer(_, LayerTensor::AttnK) => Some(QkKind::K),
-            _ => None,
-        }
-    }
-
-    /// Row-major shape the config implies (`[rows, cols]`, norms `[hidden]`); `None` when it overflows.
-    pub fn expected_shape_rowmajor(self, cfg: &ModelConfig) -> Option<Vec<u64>> {
-        let u = |x: usize| x as u64;
-        let (hidden, ff, vocab) = (u(cfg.n_embd), u(cfg.n_ff), u(cfg.n_vocab));
-        let q_rows = u(cfg.n_head).checked_mul(u(cfg.head_dim))?;
-        let kv_rows = u(cfg.n_head_kv).checked_mul(u(cfg.head_dim))?;
-        Some(match self {
-            Role::TokenEmbd | Role::Output => vec![vocab, hidden],
-            Role::OutputNorm => vec![hidden],
-            Role::Layer(_, t) => match t {
-                LayerTensor::AttnNorm | LayerTensor::FfnNorm => vec![hidden],
-                LayerTensor::AttnQ => vec![q_rows, hidden],
-                LayerTensor::AttnK | LayerTensor::AttnV => vec![kv_rows, hidden],
-                LayerTensor::AttnOutput => vec![hidden, q_rows],
-                LayerTensor::FfnGate | LayerTensor::FfnUp => vec![ff, hidden],
-                LayerTensor::FfnDown => vec![hidden, ff],
-            },
-        })
-    }
+/// Row-major shape (`[rows, cols]`, norms `[hidden]`) the config implies: the ggml shape reversed.
+pub fn expected_shape_rowmajor(role: Role, cfg: &ModelConfig) -> Option<Vec<u64>> {
+    role.expected_shape(cfg).map(|mut s| {
+        s.reverse();
+        s
+    })
 }
 
 /// Result of looking up a Hugging Face tensor name.
@@ -152,20 +96,11 @@ pub fn map_hf_name(hf: &str) -> Option<HfName> {
         _ => {
             let rest = hf.strip_prefix("model.layers.")?;
             let (n, suffix) = rest.split_once('.')?;
-            // Plain decimal only: no sign, no leading zero (so one layer has one spelling).
-            if n.is_empty()
-                || !n.bytes().all(|b| b.is_ascii_digit())
-                || (n.len() > 1 && n.starts_with('0'))
-            {
-                return None;
-            }
-            let layer: usize = n.parse().ok()?;
+            let layer = parse_layer_number(n)?;
             if suffix == "self_attn.rotary_emb.inv_freq" {
                 return Some(HfName::Skip);
             }
-            let t = LayerTensor::ALL
-                .into_iter()
-                .find(|t| t.names().0 == suffix)?;
+            let t = LayerTensor::ALL.into_iter().find(|&t| hf_suffix(t) == suffix)?;
             Role::Layer(layer, t)
         }
     };
@@ -174,7 +109,11 @@ pub fn map_hf_name(hf: &str) -> Option<HfName> {
 
 /// The HF row that feeds canonical (GGUF-order) row `canonical_row` of a Q or K weight whose heads have
 /// `head_dim` rows. The head count does not enter: the permutation stays inside each head.
+/// (A `head_dim` below 2 has no pairs: identity.)
 pub fn canonical_row_source(head_dim: u64, canonical_row: u64) -> u64 {
+    if head_dim < 2 {
+        return canonical_row;
+    }
     let half = head_dim / 2;
     let (head, within) = (canonical_row / head_dim, canonical_row % head_dim);
     head * head_dim + (within % 2) * half + within / 2
@@ -182,8 +121,8 @@ pub fn canonical_row_source(head_dim: u64, canonical_row: u64) -> u64 {
 
 /// HF rows that canonical rows `rows` draw from: the whole heads they touch.
 pub fn hf_rows_for(head_dim: u64, rows: Range<u64>) -> Range<u64> {
-    if rows.is_empty() {
-        return rows.start..rows.start;
+    if rows.is_empty() || head_dim == 0 {
+        return rows.start..rows.end.max(rows.start);
     }
     let first = rows.start / head_dim * head_dim;
     let last = (rows.end - 1) / head_dim * head_dim + head_dim;
@@ -322,8 +261,8 @@ mod tests {
             let Some(HfName::Tensor(role)) = map_hf_name(hf) else {
                 panic!("{hf} not mapped")
             };
-            assert_eq!(role.canonical_name(), gguf);
-            assert_eq!(role.hf_name(), hf);
+            assert_eq!(role.name(), gguf);
+            assert_eq!(hf_name(role).unwrap_or_default(), hf);
         }
         assert_eq!(
             map_hf_name("model.layers.0.self_attn.rotary_emb.inv_freq"),
@@ -343,7 +282,7 @@ mod tests {
         let q = map_hf_name("model.layers.1.self_attn.q_proj.weight");
         assert_eq!(
             q.and_then(|n| if let HfName::Tensor(r) = n {
-                r.qk()
+                qk_kind(r)
             } else {
                 None
             }),

@@ -15,7 +15,8 @@ use std::ops::Range;
 
 use tessera_kernels::quant::GgmlType;
 
-use super::roles::{Inventory, LayerPart, Role};
+use super::roles::Inventory;
+use crate::roles::{LayerTensor, Role};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::tensor::TensorDesc;
@@ -121,7 +122,7 @@ pub(crate) fn rank_splits(
     tp: usize,
 ) -> Result<Vec<Splits>> {
     let heads = head_ranges(config.n_head, config.n_head_kv, tp)?;
-    let typed = |part: LayerPart| {
+    let typed = |part: LayerTensor| {
         tensors
             .iter()
             .zip(&inventory.roles)
@@ -130,7 +131,7 @@ pub(crate) fn rank_splits(
 
     // attn_output: input columns cut at query-head boundaries.
     let mut checked: Vec<GgmlType> = Vec::new();
-    for (t, _) in typed(LayerPart::AttnOutput) {
+    for (t, _) in typed(LayerTensor::AttnOutput) {
         if checked.contains(&t.ty) {
             continue;
         }
@@ -153,7 +154,7 @@ pub(crate) fn rank_splits(
     // FFN: cut on multiples of every ffn_down block (block sizes are 1, 32, 256, so the lcm is the largest).
     let mut block = 1usize;
     let mut widest: Option<&TensorDesc> = None;
-    for (t, _) in typed(LayerPart::FfnDown) {
+    for (t, _) in typed(LayerTensor::FfnDown) {
         let b = t.ty.block_size();
         block = lcm(block, b)
             .ok_or_else(|| Error::Plan(format!("tensor `{}`: block sizes overflow", t.name)))?;

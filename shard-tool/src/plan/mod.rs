@@ -41,7 +41,8 @@ use crate::tensor::TensorDesc;
 pub use memory::{NodeMemory, memory_report};
 
 use heads::{Splits, rank_splits};
-use roles::{Inventory, LayerPart, Role};
+use crate::roles::{LayerTensor, Role};
+use roles::Inventory;
 
 /// Largest tensor-parallel group the planner accepts (a guard against absurd inputs, far above any cluster).
 pub const MAX_TP: usize = 1 << 16;
@@ -258,16 +259,16 @@ fn build_shard(
         }
         let (rows, cols) = match role {
             Role::TokenEmbd | Role::Output => (Some(widen(&split.vocab)), None),
-            Role::Layer(_, LayerPart::AttnQ) => (Some(scaled(&split.q)), None),
-            Role::Layer(_, LayerPart::AttnK | LayerPart::AttnV) => (Some(scaled(&split.kv)), None),
-            Role::Layer(_, LayerPart::AttnOutput) => (None, Some(scaled(&split.q))),
-            Role::Layer(_, LayerPart::FfnGate | LayerPart::FfnUp) => {
+            Role::Layer(_, LayerTensor::AttnQ) => (Some(scaled(&split.q)), None),
+            Role::Layer(_, LayerTensor::AttnK | LayerTensor::AttnV) => (Some(scaled(&split.kv)), None),
+            Role::Layer(_, LayerTensor::AttnOutput) => (None, Some(scaled(&split.q))),
+            Role::Layer(_, LayerTensor::FfnGate | LayerTensor::FfnUp) => {
                 (Some(widen(&split.ffn)), None)
             }
-            Role::Layer(_, LayerPart::FfnDown) => (None, Some(widen(&split.ffn))),
+            Role::Layer(_, LayerTensor::FfnDown) => (None, Some(widen(&split.ffn))),
             Role::RopeFreqs
             | Role::OutputNorm
-            | Role::Layer(_, LayerPart::AttnNorm | LayerPart::FfnNorm) => (None, None),
+            | Role::Layer(_, LayerTensor::AttnNorm | LayerTensor::FfnNorm) => (None, None),
         };
         slices.push(slice_of(desc, rows, cols));
     }

@@ -6,75 +6,8 @@ use std::collections::HashMap;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::roles::{LayerTensor, Role};
 use crate::tensor::TensorDesc;
-
-/// A tensor inside a transformer block (`blk.N.<part>.weight`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum LayerPart {
-    AttnNorm,
-    AttnQ,
-    AttnK,
-    AttnV,
-    AttnOutput,
-    FfnNorm,
-    FfnGate,
-    FfnUp,
-    FfnDown,
-}
-
-impl LayerPart {
-    pub(crate) const ALL: [LayerPart; 9] = [
-        LayerPart::AttnNorm,
-        LayerPart::AttnQ,
-        LayerPart::AttnK,
-        LayerPart::AttnV,
-        LayerPart::AttnOutput,
-        LayerPart::FfnNorm,
-        LayerPart::FfnGate,
-        LayerPart::FfnUp,
-        LayerPart::FfnDown,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            LayerPart::AttnNorm => "attn_norm",
-            LayerPart::AttnQ => "attn_q",
-            LayerPart::AttnK => "attn_k",
-            LayerPart::AttnV => "attn_v",
-            LayerPart::AttnOutput => "attn_output",
-            LayerPart::FfnNorm => "ffn_norm",
-            LayerPart::FfnGate => "ffn_gate",
-            LayerPart::FfnUp => "ffn_up",
-            LayerPart::FfnDown => "ffn_down",
-        }
-    }
-
-    fn from_name(name: &str) -> Option<LayerPart> {
-        Self::ALL.into_iter().find(|p| p.name() == name)
-    }
-}
-
-/// The planner's rule for a tensor is chosen by its role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Role {
-    TokenEmbd,
-    Output,
-    OutputNorm,
-    RopeFreqs,
-    Layer(usize, LayerPart),
-}
-
-impl Role {
-    fn name(self) -> String {
-        match self {
-            Role::TokenEmbd => "token_embd.weight".into(),
-            Role::Output => "output.weight".into(),
-            Role::OutputNorm => "output_norm.weight".into(),
-            Role::RopeFreqs => "rope_freqs.weight".into(),
-            Role::Layer(n, part) => format!("blk.{n}.{}.weight", part.name()),
-        }
-    }
-}
 
 /// The checked tensor list: one role per tensor (same order), and byte sizes for stage balancing.
 pub(crate) struct Inventory {
@@ -110,7 +43,7 @@ impl Inventory {
         // Stops at the first gap, so an absurd layer count costs nothing before it is refused.
         let required = [Role::TokenEmbd, Role::OutputNorm].into_iter().chain(
             (0..config.n_layer)
-                .flat_map(|layer| LayerPart::ALL.map(|part| Role::Layer(layer, part))),
+                .flat_map(|layer| LayerTensor::ALL.map(|part| Role::Layer(layer, part))),
         );
         for role in required {
             if !seen.contains_key(&role) {
@@ -153,28 +86,9 @@ impl Inventory {
     }
 }
 
-/// Maps a canonical GGUF tensor name to its role; anything the planner has no rule for is an error.
+/// The role of a canonical GGUF name; anything the planner has no rule for is an error.
 fn classify(name: &str, n_layer: usize) -> Result<Role> {
-    let role = match name {
-        "token_embd.weight" => Some(Role::TokenEmbd),
-        "output.weight" => Some(Role::Output),
-        "output_norm.weight" => Some(Role::OutputNorm),
-        "rope_freqs.weight" => Some(Role::RopeFreqs),
-        _ => name
-            .strip_prefix("blk.")
-            .and_then(|rest| rest.strip_suffix(".weight"))
-            .and_then(|rest| rest.split_once('.'))
-            .and_then(|(n, part)| {
-                let digits_only = !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
-                let layer = if digits_only {
-                    n.parse::<usize>().ok()?
-                } else {
-                    return None;
-                };
-                Some(Role::Layer(layer, LayerPart::from_name(part)?))
-            }),
-    };
-    match role {
+    match Role::parse(name) {
         Some(Role::Layer(layer, _)) if layer >= n_layer => Err(Error::Plan(format!(
             "tensor `{name}` belongs to layer {layer}, but the model has {n_layer} layers"
         ))),
@@ -187,30 +101,8 @@ fn classify(name: &str, n_layer: usize) -> Result<Role> {
     }
 }
 
-/// The ggml shape a tensor with `role` must have under `config`, or `None` if it overflows.
-fn expected_shape(role: Role, config: &ModelConfig) -> Option<Vec<u64>> {
-    let embd = config.n_embd as u64;
-    let q_rows = (config.n_head as u64).checked_mul(config.head_dim as u64)?;
-    let kv_rows = (config.n_head_kv as u64).checked_mul(config.head_dim as u64)?;
-    let ff = config.n_ff as u64;
-    let vocab = config.n_vocab as u64;
-    Some(match role {
-        Role::TokenEmbd | Role::Output => vec![embd, vocab],
-        Role::OutputNorm => vec![embd],
-        Role::RopeFreqs => vec![(config.rope_dim / 2) as u64],
-        Role::Layer(_, part) => match part {
-            LayerPart::AttnNorm | LayerPart::FfnNorm => vec![embd],
-            LayerPart::AttnQ => vec![embd, q_rows],
-            LayerPart::AttnK | LayerPart::AttnV => vec![embd, kv_rows],
-            LayerPart::AttnOutput => vec![q_rows, embd],
-            LayerPart::FfnGate | LayerPart::FfnUp => vec![embd, ff],
-            LayerPart::FfnDown => vec![ff, embd],
-        },
-    })
-}
-
 fn check_shape(t: &TensorDesc, role: Role, config: &ModelConfig) -> Result<()> {
-    let Some(expected) = expected_shape(role, config) else {
+    let Some(expected) = role.expected_shape(config) else {
         return Err(Error::Plan(format!(
             "tensor `{}`: the config's dimensions overflow 64 bits",
             t.name

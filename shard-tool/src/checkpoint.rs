@@ -64,13 +64,21 @@ impl Checkpoint {
             }
             return Self::from_hf(HfCheckpoint::open(first)?, paths.to_vec());
         }
-        let is_hf = |p: &PathBuf| matches!(p.extension().and_then(|e| e.to_str()), Some("safetensors" | "json"));
+        let is_hf = |p: &PathBuf| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("safetensors" | "json")
+            )
+        };
         if paths.iter().any(is_hf) {
             return Self::from_hf(HfCheckpoint::open_files(paths)?, paths.to_vec());
         }
         let set = if paths.len() == 1 {
             GgufSet::open(first)?
-        } else if paths.iter().all(|p| gguf::split_paths(p).ok().flatten().is_some()) {
+        } else if paths
+            .iter()
+            .all(|p| gguf::split_paths(p).ok().flatten().is_some())
+        {
             GgufSet::open_paths(paths)?
         } else {
             GgufSet::open_pieces(paths)?
@@ -81,8 +89,11 @@ impl Checkpoint {
     fn from_gguf(set: GgufSet) -> Result<Checkpoint> {
         let config = set.model_config()?;
         let version = set.first().version;
-        let all_paths: Vec<PathBuf> =
-            set.pieces.iter().flat_map(|p| p.source.paths().map(Path::to_path_buf)).collect();
+        let all_paths: Vec<PathBuf> = set
+            .pieces
+            .iter()
+            .flat_map(|p| p.source.paths().map(Path::to_path_buf))
+            .collect();
         let first_is_gguf = std::fs::File::open(&all_paths[0])
             .and_then(|mut f| {
                 let mut magic = [0u8; 4];
@@ -98,9 +109,19 @@ impl Checkpoint {
         } else {
             format!("GGUF v{version}")
         };
-        let chat_template = set.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_owned);
+        let chat_template = set
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         let tensors = set.tensors.iter().map(|t| t.desc.clone()).collect();
-        Ok(Checkpoint { paths: all_paths, format, config, tensors, chat_template, inner: Inner::Gguf(set) })
+        Ok(Checkpoint {
+            paths: all_paths,
+            format,
+            config,
+            tensors,
+            chat_template,
+            inner: Inner::Gguf(set),
+        })
     }
 
     fn from_hf(hf: HfCheckpoint, paths: Vec<PathBuf>) -> Result<Checkpoint> {
@@ -135,7 +156,12 @@ impl Checkpoint {
     pub fn source_bytes(&self) -> u64 {
         match &self.inner {
             Inner::Gguf(set) => set.pieces.iter().map(|p| p.source.len()).sum(),
-            Inner::Hf(hf) => hf.st.file_paths().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum(),
+            Inner::Hf(hf) => hf
+                .st
+                .file_paths()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum(),
         }
     }
 
@@ -150,7 +176,11 @@ impl Checkpoint {
         if rows.start > rows.end || rows.end > desc.n_rows() {
             return Err(Error::malformed(
                 self.path(),
-                format!("tensor `{}`: rows {rows:?} outside its {} rows", desc.name, desc.n_rows()),
+                format!(
+                    "tensor `{}`: rows {rows:?} outside its {} rows",
+                    desc.name,
+                    desc.n_rows()
+                ),
             ));
         }
         match &self.inner {
@@ -158,7 +188,10 @@ impl Checkpoint {
                 let t = &set.tensors[index];
                 let row_bytes = self.row_bytes(desc)?;
                 let src = &set.pieces[t.piece].source;
-                src.read(t.offset + rows.start * row_bytes, (rows.end - rows.start) * row_bytes)
+                src.read(
+                    t.offset + rows.start * row_bytes,
+                    (rows.end - rows.start) * row_bytes,
+                )
             }
             Inner::Hf(hf) => hf.rows(&hf.tensors[index], rows),
         }
@@ -168,8 +201,12 @@ impl Checkpoint {
     /// page cache and fault back in if read again). Streaming `split` calls it after each chunk so that even
     /// one tensor larger than the memory limit (Llama 3's 128256-row embedding) never accumulates in RSS.
     pub fn release_rows(&self, index: usize, rows: Range<u64>) {
-        let Some(desc) = self.tensors.get(index) else { return };
-        let Ok(row_bytes) = desc.row_bytes() else { return };
+        let Some(desc) = self.tensors.get(index) else {
+            return;
+        };
+        let Ok(row_bytes) = desc.row_bytes() else {
+            return;
+        };
         let (start, len) = (rows.start * row_bytes, (rows.end - rows.start) * row_bytes);
         match &self.inner {
             Inner::Gguf(set) => {
@@ -207,7 +244,9 @@ impl Checkpoint {
                 .metadata()
                 .iter()
                 .filter(|(k, _)| {
-                    !k.starts_with(TOKENIZER_PREFIX) && !k.starts_with("split.") && k != gguf::KEY_ALIGNMENT
+                    !k.starts_with(TOKENIZER_PREFIX)
+                        && !k.starts_with("split.")
+                        && k != gguf::KEY_ALIGNMENT
                 })
                 .cloned()
                 .collect(),
@@ -219,8 +258,12 @@ impl Checkpoint {
     pub fn tokenizer_metadata(&self) -> Option<Vec<(String, Value)>> {
         match &self.inner {
             Inner::Gguf(set) => {
-                let keys: Vec<_> =
-                    set.metadata().iter().filter(|(k, _)| k.starts_with(TOKENIZER_PREFIX)).cloned().collect();
+                let keys: Vec<_> = set
+                    .metadata()
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(TOKENIZER_PREFIX))
+                    .cloned()
+                    .collect();
                 (!keys.is_empty()).then_some(keys)
             }
             Inner::Hf(_) => None,
@@ -233,11 +276,15 @@ impl Checkpoint {
             Inner::Gguf(_) => Vec::new(),
             Inner::Hf(hf) => {
                 let t = &hf.tokenizer;
-                [&t.tokenizer_json, &t.tokenizer_config_json, &t.generation_config_json]
-                    .into_iter()
-                    .flatten()
-                    .cloned()
-                    .collect()
+                [
+                    &t.tokenizer_json,
+                    &t.tokenizer_config_json,
+                    &t.generation_config_json,
+                ]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect()
             }
         }
     }
@@ -247,12 +294,19 @@ impl Checkpoint {
             Inner::Gguf(set) => {
                 let get = |k: &str| set.get(k);
                 let Some(model) = get("tokenizer.ggml.model").and_then(Value::as_str) else {
-                    return TokenizerSummary { kind: "none".into(), ..Default::default() };
+                    return TokenizerSummary {
+                        kind: "none".into(),
+                        ..Default::default()
+                    };
                 };
-                let pre = get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+                let pre = get("tokenizer.ggml.pre")
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
                 TokenizerSummary {
                     kind: format!("GGUF {model} (pre-tokenizer {pre})"),
-                    n_tokens: get("tokenizer.ggml.tokens").and_then(Value::as_array).map(|a| a.len()),
+                    n_tokens: get("tokenizer.ggml.tokens")
+                        .and_then(Value::as_array)
+                        .map(|a| a.len()),
                     bos: get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64),
                     eos: get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64),
                 }

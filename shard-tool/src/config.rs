@@ -77,13 +77,22 @@ impl ModelConfig {
             ));
         }
         if self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
-            return Err(format!("rope dimension {} must be even and ≤ head dimension {}", self.rope_dim, self.head_dim));
+            return Err(format!(
+                "rope dimension {} must be even and ≤ head dimension {}",
+                self.rope_dim, self.head_dim
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return Err(format!("rope theta {} must be a positive number", self.rope_theta));
+            return Err(format!(
+                "rope theta {} must be a positive number",
+                self.rope_theta
+            ));
         }
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
-            return Err(format!("rms epsilon {} must be a positive number", self.rms_eps));
+            return Err(format!(
+                "rms epsilon {} must be a positive number",
+                self.rms_eps
+            ));
         }
         Ok(())
     }

@@ -76,18 +76,33 @@ pub fn locate_gguf(src: &ByteSource, entry: Option<&str>) -> Result<(u64, u64)> 
     let dir = read_central_directory(src)?;
     let is_gguf = |e: &&ZipEntry| e.name.to_ascii_lowercase().ends_with(".gguf");
     let chosen = match entry {
-        Some(name) => dir.entries.iter().find(|e| e.name == name).ok_or_else(|| Error::Missing {
-            path: path.to_owned(),
-            key: format!("archive entry `{name}`"),
-        })?,
+        Some(name) => {
+            dir.entries
+                .iter()
+                .find(|e| e.name == name)
+                .ok_or_else(|| Error::Missing {
+                    path: path.to_owned(),
+                    key: format!("archive entry `{name}`"),
+                })?
+        }
         None => {
             let ggufs: Vec<&ZipEntry> = dir.entries.iter().filter(is_gguf).collect();
-            let main: Vec<&ZipEntry> = ggufs.iter().copied().filter(|e| !e.name.contains("mmproj")).collect();
+            let main: Vec<&ZipEntry> = ggufs
+                .iter()
+                .copied()
+                .filter(|e| !e.name.contains("mmproj"))
+                .collect();
             let pool = if main.is_empty() { &ggufs } else { &main };
-            pool.iter().copied().max_by_key(|e| e.uncompressed_size).ok_or_else(|| Error::Missing {
-                path: path.to_owned(),
-                key: format!("`.gguf` entry in the ZIP archive ({} entries)", dir.entries.len()),
-            })?
+            pool.iter()
+                .copied()
+                .max_by_key(|e| e.uncompressed_size)
+                .ok_or_else(|| Error::Missing {
+                    path: path.to_owned(),
+                    key: format!(
+                        "`.gguf` entry in the ZIP archive ({} entries)",
+                        dir.entries.len()
+                    ),
+                })?
         }
     };
     entry_data(src, chosen)
@@ -97,7 +112,10 @@ pub fn locate_gguf(src: &ByteSource, entry: Option<&str>) -> Result<(u64, u64)> 
 pub fn entry_data(src: &ByteSource, e: &ZipEntry) -> Result<(u64, u64)> {
     let path = src.path();
     if e.flags & 1 != 0 {
-        return Err(Error::Unsupported { path: path.to_owned(), msg: format!("archive entry `{}` is encrypted", e.name) });
+        return Err(Error::Unsupported {
+            path: path.to_owned(),
+            msg: format!("archive entry `{}` is encrypted", e.name),
+        });
     }
     if e.method != 0 {
         return Err(Error::Unsupported {
@@ -115,13 +133,21 @@ pub fn entry_data(src: &ByteSource, e: &ZipEntry) -> Result<(u64, u64)> {
     if e.compressed_size != e.uncompressed_size {
         return Err(Error::malformed(
             path,
-            format!("stored archive entry `{}`: sizes differ ({} vs {})", e.name, e.compressed_size, e.uncompressed_size),
+            format!(
+                "stored archive entry `{}`: sizes differ ({} vs {})",
+                e.name, e.compressed_size, e.uncompressed_size
+            ),
         ));
     }
     let what = format!("local header of archive entry `{}`", e.name);
-    let lfh = src.read(e.local_header_offset, LFH_LEN).map_err(|_| Error::malformed(path, format!("{what}: past the end of the file")))?;
+    let lfh = src
+        .read(e.local_header_offset, LFH_LEN)
+        .map_err(|_| Error::malformed(path, format!("{what}: past the end of the file")))?;
     if le32(&lfh, 0) != LFH_SIG {
-        return Err(Error::malformed(path, format!("{what}: no signature at offset {}", e.local_header_offset)));
+        return Err(Error::malformed(
+            path,
+            format!("{what}: no signature at offset {}", e.local_header_offset),
+        ));
     }
     let (name_len, extra_len) = (u64::from(le16(&lfh, 26)), u64::from(le16(&lfh, 28)));
     let start = e.local_header_offset + LFH_LEN + name_len + extra_len;
@@ -129,7 +155,12 @@ pub fn entry_data(src: &ByteSource, e: &ZipEntry) -> Result<(u64, u64)> {
         Some(end) if end <= src.len() => Ok((start, e.compressed_size)),
         _ => Err(Error::malformed(
             path,
-            format!("archive entry `{}`: {} bytes at offset {start} run past the end of the file ({} bytes)", e.name, e.compressed_size, src.len()),
+            format!(
+                "archive entry `{}`: {} bytes at offset {start} run past the end of the file ({} bytes)",
+                e.name,
+                e.compressed_size,
+                src.len()
+            ),
         )),
     }
 }
@@ -147,16 +178,25 @@ struct Eocd {
 pub fn read_central_directory(src: &ByteSource) -> Result<ZipDirectory> {
     let path = src.path();
     let bad = |msg: String| Error::malformed(path, format!("ZIP archive: {msg}"));
-    let eocd = find_eocd(src)?.ok_or_else(|| bad("no end of central directory record in the last 64 KiB".into()))?;
+    let eocd = find_eocd(src)?
+        .ok_or_else(|| bad("no end of central directory record in the last 64 KiB".into()))?;
     if eocd.cd_size > MAX_CENTRAL_DIRECTORY {
-        return Err(bad(format!("central directory of {} bytes is larger than the 64 MiB accepted", eocd.cd_size)));
+        return Err(bad(format!(
+            "central directory of {} bytes is larger than the 64 MiB accepted",
+            eocd.cd_size
+        )));
     }
-    let cd_start = eocd
-        .cd_end
-        .checked_sub(eocd.cd_size)
-        .ok_or_else(|| bad(format!("central directory size {} is larger than the archive", eocd.cd_size)))?;
+    let cd_start = eocd.cd_end.checked_sub(eocd.cd_size).ok_or_else(|| {
+        bad(format!(
+            "central directory size {} is larger than the archive",
+            eocd.cd_size
+        ))
+    })?;
     let prefix_len = cd_start.checked_sub(eocd.cd_offset).ok_or_else(|| {
-        bad(format!("central directory claims offset {} but ends at {} after {} bytes", eocd.cd_offset, eocd.cd_end, eocd.cd_size))
+        bad(format!(
+            "central directory claims offset {} but ends at {} after {} bytes",
+            eocd.cd_offset, eocd.cd_end, eocd.cd_size
+        ))
     })?;
     let cd = src.read(cd_start, eocd.cd_size)?;
     let cap = eocd.entries.min(cd.len() as u64 / CDH_LEN as u64) as usize;
@@ -165,25 +205,40 @@ pub fn read_central_directory(src: &ByteSource) -> Result<ZipDirectory> {
     for i in 0..eocd.entries {
         let rest = &cd[pos.min(cd.len())..];
         if rest.len() < CDH_LEN || le32(rest, 0) != CDH_SIG {
-            return Err(bad(format!("central directory entry #{i} of {} is missing or has no signature", eocd.entries)));
+            return Err(bad(format!(
+                "central directory entry #{i} of {} is missing or has no signature",
+                eocd.entries
+            )));
         }
-        let (name_len, extra_len, comment_len) =
-            (le16(rest, 28) as usize, le16(rest, 30) as usize, le16(rest, 32) as usize);
+        let (name_len, extra_len, comment_len) = (
+            le16(rest, 28) as usize,
+            le16(rest, 30) as usize,
+            le16(rest, 32) as usize,
+        );
         let total = CDH_LEN + name_len + extra_len + comment_len;
         if rest.len() < total {
-            return Err(bad(format!("central directory entry #{i} runs past the directory's end")));
+            return Err(bad(format!(
+                "central directory entry #{i} runs past the directory's end"
+            )));
         }
         let name = String::from_utf8_lossy(&rest[CDH_LEN..CDH_LEN + name_len]).into_owned();
         let extra = &rest[CDH_LEN + name_len..CDH_LEN + name_len + extra_len];
         let mut compressed_size = u64::from(le32(rest, 20));
         let mut uncompressed_size = u64::from(le32(rest, 24));
         let mut local = u64::from(le32(rest, 42));
-        apply_zip64_extra(extra, &mut [&mut uncompressed_size, &mut compressed_size, &mut local])
-            .map_err(|m| bad(format!("entry `{name}`: {m}")))?;
+        apply_zip64_extra(
+            extra,
+            &mut [&mut uncompressed_size, &mut compressed_size, &mut local],
+        )
+        .map_err(|m| bad(format!("entry `{name}`: {m}")))?;
         let local_header_offset = local
             .checked_add(prefix_len)
             .filter(|&o| o < src.len())
-            .ok_or_else(|| bad(format!("entry `{name}`: local header offset {local} is past the end of the file")))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "entry `{name}`: local header offset {local} is past the end of the file"
+                ))
+            })?;
         entries.push(ZipEntry {
             name,
             method: le16(rest, 10),
@@ -194,18 +249,26 @@ pub fn read_central_directory(src: &ByteSource) -> Result<ZipDirectory> {
         });
         pos += total;
     }
-    Ok(ZipDirectory { entries, prefix_len })
+    Ok(ZipDirectory {
+        entries,
+        prefix_len,
+    })
 }
 
 /// Replaces each saturated (`0xFFFF_FFFF`) field, in APPNOTE order (uncompressed size, compressed size, local
 /// header offset), with the next 8 bytes of the ZIP64 extended information extra field (id 0x0001).
-fn apply_zip64_extra(mut extra: &[u8], fields: &mut [&mut u64; 3]) -> std::result::Result<(), String> {
+fn apply_zip64_extra(
+    mut extra: &[u8],
+    fields: &mut [&mut u64; 3],
+) -> std::result::Result<(), String> {
     if fields.iter().all(|f| **f != 0xffff_ffff) {
         return Ok(());
     }
     while extra.len() >= 4 {
         let (id, len) = (le16(extra, 0), le16(extra, 2) as usize);
-        let body = extra.get(4..4 + len).ok_or("extra field runs past its end")?;
+        let body = extra
+            .get(4..4 + len)
+            .ok_or("extra field runs past its end")?;
         if id == 1 {
             let mut at = 0;
             for f in fields.iter_mut().filter(|f| ***f == 0xffff_ffff) {
@@ -230,7 +293,9 @@ fn find_eocd(src: &ByteSource) -> Result<Option<Eocd>> {
     let tail_start = len.saturating_sub(EOCD_LEN + MAX_COMMENT);
     let tail = src.read(tail_start, len - tail_start)?;
     // The last signature whose comment length fits exactly; else the last one at all (trailing junk).
-    let candidates = (0..=tail.len() - EOCD_LEN as usize).rev().filter(|&i| le32(&tail, i) == EOCD_SIG);
+    let candidates = (0..=tail.len() - EOCD_LEN as usize)
+        .rev()
+        .filter(|&i| le32(&tail, i) == EOCD_SIG);
     let mut found = None;
     for i in candidates {
         let comment = u64::from(le16(&tail, i + 20));
@@ -251,33 +316,65 @@ fn find_eocd(src: &ByteSource) -> Result<Option<Eocd>> {
         cd_size: u64::from(le32(r, 12)),
         cd_offset: u64::from(le32(r, 16)),
     };
-    let saturated = disk == 0xffff || cd_disk == 0xffff || e.entries == 0xffff || e.cd_size == 0xffff_ffff || e.cd_offset == 0xffff_ffff;
-    let locator = eocd_pos.checked_sub(ZIP64_LOCATOR_LEN).map(|at| (at, src.read(at, ZIP64_LOCATOR_LEN))).and_then(|(at, r)| {
-        r.ok().filter(|l| le32(l, 0) == ZIP64_LOCATOR_SIG).map(|l| (at, le32(&l, 4), le64(&l, 8), le32(&l, 16)))
-    });
+    let saturated = disk == 0xffff
+        || cd_disk == 0xffff
+        || e.entries == 0xffff
+        || e.cd_size == 0xffff_ffff
+        || e.cd_offset == 0xffff_ffff;
+    let locator = eocd_pos
+        .checked_sub(ZIP64_LOCATOR_LEN)
+        .map(|at| (at, src.read(at, ZIP64_LOCATOR_LEN)))
+        .and_then(|(at, r)| {
+            r.ok()
+                .filter(|l| le32(l, 0) == ZIP64_LOCATOR_SIG)
+                .map(|l| (at, le32(&l, 4), le64(&l, 8), le32(&l, 16)))
+        });
     match locator {
-        None if saturated => return Err(bad("end of central directory has saturated fields but no ZIP64 locator".into())),
+        None if saturated => {
+            return Err(bad(
+                "end of central directory has saturated fields but no ZIP64 locator".into(),
+            ));
+        }
         None => {
             if disk != 0 || cd_disk != 0 {
-                return Err(Error::Unsupported { path: path.to_owned(), msg: "multi-volume ZIP archives are not supported".into() });
+                return Err(Error::Unsupported {
+                    path: path.to_owned(),
+                    msg: "multi-volume ZIP archives are not supported".into(),
+                });
             }
         }
         Some((loc_pos, z_disk, z_off, n_disks)) => {
             if z_disk != 0 || n_disks > 1 {
-                return Err(Error::Unsupported { path: path.to_owned(), msg: "multi-volume ZIP archives are not supported".into() });
+                return Err(Error::Unsupported {
+                    path: path.to_owned(),
+                    msg: "multi-volume ZIP archives are not supported".into(),
+                });
             }
             // The record is where the locator says (offsets absolute) or, with a prefix the offsets do not
             // count, right before the locator (a record without extensible data).
             let candidates = [Some(z_off), loc_pos.checked_sub(ZIP64_EOCD_LEN)];
             let record = candidates.into_iter().flatten().find_map(|at| {
                 let r = src.read(at, ZIP64_EOCD_LEN).ok()?;
-                (le32(&r, 0) == ZIP64_EOCD_SIG && at.checked_add(12)?.checked_add(le64(&r, 4))? <= loc_pos).then(|| (at, r))
+                let ends_in_place = at.checked_add(12)?.checked_add(le64(&r, 4))? <= loc_pos;
+                (le32(&r, 0) == ZIP64_EOCD_SIG && ends_in_place).then_some((at, r))
             });
-            let (at, r) = record.ok_or_else(|| bad(format!("no ZIP64 end of central directory record at offset {z_off}")))?;
+            let (at, r) = record.ok_or_else(|| {
+                bad(format!(
+                    "no ZIP64 end of central directory record at offset {z_off}"
+                ))
+            })?;
             if le32(&r, 16) != 0 || le32(&r, 20) != 0 {
-                return Err(Error::Unsupported { path: path.to_owned(), msg: "multi-volume ZIP archives are not supported".into() });
+                return Err(Error::Unsupported {
+                    path: path.to_owned(),
+                    msg: "multi-volume ZIP archives are not supported".into(),
+                });
             }
-            e = Eocd { cd_end: at, entries: le64(&r, 32), cd_size: le64(&r, 40), cd_offset: le64(&r, 48) };
+            e = Eocd {
+                cd_end: at,
+                entries: le64(&r, 32),
+                cd_size: le64(&r, 40),
+                cd_offset: le64(&r, 48),
+            };
         }
     }
     Ok(Some(e))
@@ -300,7 +397,6 @@ fn le64(b: &[u8], at: usize) -> u64 {
 pub fn has_executable_prefix(head: &[u8]) -> bool {
     head.starts_with(b"MZ") || head.starts_with(b"\x7fELF") || head.starts_with(b"#!")
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -325,7 +421,13 @@ mod tests {
     /// A ZIP after `prefix`. `absolute`: offsets count the prefix (as `zip -A` / zipalign leave them), else
     /// they are relative to the archive start (as `cat prefix archive.zip`). `zip64`: every size and offset
     /// saturated and given in ZIP64 extra fields and records.
-    fn build_zip(prefix: &[u8], entries: &[Entry], zip64: bool, absolute: bool, comment: &[u8]) -> Vec<u8> {
+    fn build_zip(
+        prefix: &[u8],
+        entries: &[Entry],
+        zip64: bool,
+        absolute: bool,
+        comment: &[u8],
+    ) -> Vec<u8> {
         let mut b = prefix.to_vec();
         let base = if absolute { 0 } else { prefix.len() as u64 };
         let off = |b: &Vec<u8>| b.len() as u64 - base;
@@ -420,10 +522,26 @@ mod tests {
 
     fn entries() -> Vec<Entry<'static>> {
         vec![
-            Entry { name: ".args", data: b"-m\nmodel.gguf\n", method: 0 },
-            Entry { name: "llava/mmproj.gguf", data: b"GGUF\x03\0\0\0 a much longer projector file....", method: 0 },
-            Entry { name: "model.gguf", data: GGUF, method: 0 },
-            Entry { name: "ggml-cuda.so", data: b"\x78\x9c compressed", method: 8 },
+            Entry {
+                name: ".args",
+                data: b"-m\nmodel.gguf\n",
+                method: 0,
+            },
+            Entry {
+                name: "llava/mmproj.gguf",
+                data: b"GGUF\x03\0\0\0 a much longer projector file....",
+                method: 0,
+            },
+            Entry {
+                name: "model.gguf",
+                data: GGUF,
+                method: 0,
+            },
+            Entry {
+                name: "ggml-cuda.so",
+                data: b"\x78\x9c compressed",
+                method: 8,
+            },
         ]
     }
 
@@ -439,9 +557,14 @@ mod tests {
                 for prefix in [&b""[..], APE, b"\x7fELF\x02\x01\x01"] {
                     for comment in [&b""[..], b"PK\x05\x06 comment with a fake signature"] {
                         let zip = build_zip(prefix, &entries(), zip64, absolute, comment);
-                        let case = format!("zip64 {zip64} absolute {absolute} prefix {} comment {}", prefix.len(), comment.len());
+                        let case = format!(
+                            "zip64 {zip64} absolute {absolute} prefix {} comment {}",
+                            prefix.len(),
+                            comment.len()
+                        );
                         assert_eq!(open(zip.clone(), None).expect(&case), GGUF, "{case}");
-                        let dir = read_central_directory(&ByteSource::from_vec(zip).unwrap()).unwrap();
+                        let dir =
+                            read_central_directory(&ByteSource::from_vec(zip).unwrap()).unwrap();
                         let expected_prefix = if absolute { 0 } else { prefix.len() as u64 };
                         assert_eq!(dir.prefix_len, expected_prefix, "{case}");
                         assert_eq!(dir.entries.len(), 4);
@@ -454,24 +577,43 @@ mod tests {
     #[test]
     fn refuses_compressed_missing_and_broken_archives() {
         let zip = build_zip(APE, &entries(), false, false, b"");
-        let err = open(zip.clone(), Some("ggml-cuda.so")).unwrap_err().to_string();
+        let err = open(zip.clone(), Some("ggml-cuda.so"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("compressed") && err.contains("unzip"), "{err}");
-        assert!(open(zip.clone(), Some("llava/mmproj.gguf")).unwrap().starts_with(b"GGUF"));
-        let err = open(zip.clone(), Some("nope.gguf")).unwrap_err().to_string();
+        assert!(
+            open(zip.clone(), Some("llava/mmproj.gguf"))
+                .unwrap()
+                .starts_with(b"GGUF")
+        );
+        let err = open(zip.clone(), Some("nope.gguf"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nope.gguf"), "{err}");
         let no_gguf = build_zip(APE, &entries()[..1], false, false, b"");
         let err = open(no_gguf, None).unwrap_err().to_string();
         assert!(err.contains(".gguf` entry"), "{err}");
-        let compressed = [Entry { name: "m.gguf", data: GGUF, method: 8 }];
-        let err = open(build_zip(b"", &compressed, true, true, b""), None).unwrap_err().to_string();
+        let compressed = [Entry {
+            name: "m.gguf",
+            data: GGUF,
+            method: 8,
+        }];
+        let err = open(build_zip(b"", &compressed, true, true, b""), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`m.gguf` is compressed"), "{err}");
-        assert!(!is_zip(&ByteSource::from_vec(b"GGUF\x03\0\0\0".to_vec()).unwrap()));
+        assert!(!is_zip(
+            &ByteSource::from_vec(b"GGUF\x03\0\0\0".to_vec()).unwrap()
+        ));
 
         // Every truncation and every single-byte corruption is an error or a result, never a panic.
         for zip64 in [false, true] {
             let zip = build_zip(APE, &entries(), zip64, false, b"");
             for n in 0..zip.len() {
-                assert!(open(zip[..n].to_vec(), None).is_err(), "zip64 {zip64} cut at {n}");
+                assert!(
+                    open(zip[..n].to_vec(), None).is_err(),
+                    "zip64 {zip64} cut at {n}"
+                );
             }
             for i in 0..zip.len() {
                 for v in [0x00, 0xff, 0x7f] {

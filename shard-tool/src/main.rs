@@ -152,7 +152,12 @@ impl TopologyArgs {
 }
 
 fn parse_type(s: &str) -> Result<GgmlType, String> {
-    GgmlType::from_name(s).ok_or_else(|| format!("unknown type `{s}`; use one of {}", tessera_kernels::quant::SUPPORTED_TYPES))
+    GgmlType::from_name(s).ok_or_else(|| {
+        format!(
+            "unknown type `{s}`; use one of {}",
+            tessera_kernels::quant::SUPPORTED_TYPES
+        )
+    })
 }
 
 fn main() -> ExitCode {
@@ -160,7 +165,10 @@ fn main() -> ExitCode {
     let default = ["warn", "info", "debug"][cli.verbose.min(2) as usize];
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -177,7 +185,17 @@ fn open(paths: &[PathBuf]) -> Result<Checkpoint> {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Inspect { model } => inspect(&open(&model)?),
-        Command::Plan { model, shape, quant, layers, topo, ctx, batch, kv_bytes, json } => {
+        Command::Plan {
+            model,
+            shape,
+            quant,
+            layers,
+            topo,
+            ctx,
+            batch,
+            kv_bytes,
+            json,
+        } => {
             let (config, tensors) = match shape {
                 Some(preset) => {
                     let config = preset.config_with_layers(layers);
@@ -191,18 +209,37 @@ fn run(command: Command) -> Result<()> {
             };
             let p = plan(&config, &tensors, &topo.topology()?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&memory_report(&p, &config, ctx, batch, kv_bytes))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&memory_report(
+                        &p, &config, ctx, batch, kv_bytes
+                    ))?
+                );
             } else {
                 print_plan(&config, &p, ctx, batch, kv_bytes);
             }
             Ok(())
         }
-        Command::Split { model, topo, out, force, quiet } => {
+        Command::Split {
+            model,
+            topo,
+            out,
+            force,
+            quiet,
+        } => {
             let ckpt = open(&model)?;
             let p = plan(&ckpt.config, &ckpt.tensors, &topo.topology()?)?;
             let started = std::time::Instant::now();
-            let manifest = split(&ckpt, &p, &SplitOptions { out_dir: out.clone(), force, progress: !quiet })
-                .with_context(|| format!("splitting into {}", out.display()))?;
+            let manifest = split(
+                &ckpt,
+                &p,
+                &SplitOptions {
+                    out_dir: out.clone(),
+                    force,
+                    progress: !quiet,
+                },
+            )
+            .with_context(|| format!("splitting into {}", out.display()))?;
             let bytes: u64 = manifest.shards.iter().map(|s| s.entry.bytes).sum();
             let secs = started.elapsed().as_secs_f64();
             println!(
@@ -215,23 +252,56 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Verify { dir, source, quiet } => {
-            let ckpt = if source.is_empty() { None } else { Some(open(&source)?) };
-            let report = verify(&dir, ckpt.as_ref(), !quiet).with_context(|| format!("verifying {}", dir.display()))?;
-            println!("ok: {} files, {} checksummed", report.files, human(report.bytes));
+            let ckpt = if source.is_empty() {
+                None
+            } else {
+                Some(open(&source)?)
+            };
+            let report = verify(&dir, ckpt.as_ref(), !quiet)
+                .with_context(|| format!("verifying {}", dir.display()))?;
+            println!(
+                "ok: {} files, {} checksummed",
+                report.files,
+                human(report.bytes)
+            );
             if ckpt.is_some() {
-                println!("ok: {} tensor slices equal the source bytes", report.tensors_compared);
+                println!(
+                    "ok: {} tensor slices equal the source bytes",
+                    report.tensors_compared
+                );
             }
             Ok(())
         }
-        Command::Synth { shape, layers, quant, tokenizer, seed, out, quiet } => {
+        Command::Synth {
+            shape,
+            layers,
+            quant,
+            tokenizer,
+            seed,
+            out,
+            quiet,
+        } => {
             if let Some(l) = layers
                 && l == 0
             {
                 bail!("--layers must be at least 1");
             }
-            let opts = SynthOptions { preset: shape, layers, quant, tokenizer_from: tokenizer, seed, out, progress: !quiet };
+            let opts = SynthOptions {
+                preset: shape,
+                layers,
+                quant,
+                tokenizer_from: tokenizer,
+                seed,
+                out,
+                progress: !quiet,
+            };
             let config = synth(&opts).with_context(|| format!("writing {}", opts.out.display()))?;
-            println!("wrote {} ({} layers, {} parameters)", opts.out.display(), config.n_layer, parameter_count(&config));
+            println!(
+                "wrote {} ({} layers, {} parameters)",
+                opts.out.display(),
+                config.n_layer,
+                parameter_count(&config)
+            );
             Ok(())
         }
     }
@@ -245,38 +315,87 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.2} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
 }
 
 fn inspect(ckpt: &Checkpoint) -> Result<()> {
     let c = &ckpt.config;
-    println!("file:            {}", ckpt.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "));
+    println!(
+        "file:            {}",
+        ckpt.paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("format:          {}", ckpt.format);
-    println!("architecture:    {}{}", c.arch, c.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default());
+    println!(
+        "architecture:    {}{}",
+        c.arch,
+        c.name
+            .as_ref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default()
+    );
     println!("layers:          {}", c.n_layer);
     println!("hidden size:     {}", c.n_embd);
-    println!("heads:           {} (KV heads {}, head dim {})", c.n_head, c.n_head_kv, c.head_dim);
+    println!(
+        "heads:           {} (KV heads {}, head dim {})",
+        c.n_head, c.n_head_kv, c.head_dim
+    );
     println!("FFN size:        {}", c.n_ff);
     println!("vocabulary:      {}", c.n_vocab);
     println!("context (train): {}", c.n_ctx_train);
-    print!("rope:            base {}, {} dims", c.rope_theta, c.rope_dim);
+    print!(
+        "rope:            base {}, {} dims",
+        c.rope_theta, c.rope_dim
+    );
     match (&c.rope_scaling, ckpt.position("rope_freqs.weight")) {
-        (Some(s), _) => println!(", llama3 scaling factor {} (original context {})", s.factor, s.original_max_position_embeddings),
+        (Some(s), _) => println!(
+            ", llama3 scaling factor {} (original context {})",
+            s.factor, s.original_max_position_embeddings
+        ),
         (None, Some(_)) => println!(", frequency factors in rope_freqs.weight (Llama 3.1 scaling)"),
         (None, None) => println!(),
     }
     println!("rms eps:         {}", c.rms_eps);
-    println!("embeddings:      {}", if c.tied_embeddings { "tied (LM head = token_embd)" } else { "separate output.weight" });
-    let params: u64 = ckpt.tensors.iter().filter(|t| t.name != "rope_freqs.weight").map(TensorDesc::n_elements).sum();
+    println!(
+        "embeddings:      {}",
+        if c.tied_embeddings {
+            "tied (LM head = token_embd)"
+        } else {
+            "separate output.weight"
+        }
+    );
+    let params: u64 = ckpt
+        .tensors
+        .iter()
+        .filter(|t| t.name != "rope_freqs.weight")
+        .map(TensorDesc::n_elements)
+        .sum();
     let bytes: u64 = ckpt.tensors.iter().filter_map(|t| t.n_bytes().ok()).sum();
-    println!("parameters:      {params} ({:.2} B), {} of weights", params as f64 / 1e9, human(bytes));
+    println!(
+        "parameters:      {params} ({:.2} B), {} of weights",
+        params as f64 / 1e9,
+        human(bytes)
+    );
     let mut mix: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
     for t in &ckpt.tensors {
         let e = mix.entry(t.ty.name()).or_default();
         e.0 += 1;
         e.1 += t.n_bytes().unwrap_or(0);
     }
-    println!("tensor types:    {}", mix.iter().map(|(k, (n, b))| format!("{k} ×{n} ({})", human(*b))).collect::<Vec<_>>().join(", "));
+    println!(
+        "tensor types:    {}",
+        mix.iter()
+            .map(|(k, (n, b))| format!("{k} ×{n} ({})", human(*b)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let tok = ckpt.tokenizer_summary();
     print!("tokenizer:       {}", tok.kind);
     if let Some(n) = tok.n_tokens {
@@ -297,7 +416,12 @@ fn inspect(ckpt: &Checkpoint) -> Result<()> {
 }
 
 fn print_plan(config: &ModelConfig, p: &ShardPlan, ctx: usize, batch: usize, kv_bytes: usize) {
-    println!("topology: tp={} pp={} ({} nodes); KV cache for ctx {ctx} × batch {batch} at {kv_bytes} bytes/element", p.topology.tp, p.topology.pp, p.shards.len());
+    println!(
+        "topology: tp={} pp={} ({} nodes); KV cache for ctx {ctx} × batch {batch} at {kv_bytes} bytes/element",
+        p.topology.tp,
+        p.topology.pp,
+        p.shards.len()
+    );
     for s in &p.stages {
         println!(
             "stage {}: layers {}-{}{}{}",
@@ -309,17 +433,45 @@ fn print_plan(config: &ModelConfig, p: &ShardPlan, ctx: usize, batch: usize, kv_
         );
     }
     println!();
-    println!("{:>5} {:>4}  {:>9} {:>9} {:>13} {:>15} {:>12} {:>12} {:>12}", "stage", "rank", "q heads", "kv heads", "ffn rows", "vocab rows", "weights", "KV cache", "total");
+    println!(
+        "{:>5} {:>4}  {:>9} {:>9} {:>13} {:>15} {:>12} {:>12} {:>12}",
+        "stage",
+        "rank",
+        "q heads",
+        "kv heads",
+        "ffn rows",
+        "vocab rows",
+        "weights",
+        "KV cache",
+        "total"
+    );
     let mem = memory_report(p, config, ctx, batch, kv_bytes);
     for (spec, m) in p.shards.iter().zip(&mem) {
-        let r = |r: &std::ops::Range<usize>| if r.is_empty() { "-".to_string() } else { format!("{}-{}", r.start, r.end - 1) };
+        let r = |r: &std::ops::Range<usize>| {
+            if r.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{}-{}", r.start, r.end - 1)
+            }
+        };
         println!(
             "{:>5} {:>4}  {:>9} {:>9} {:>13} {:>15} {:>12} {:>12} {:>12}",
-            spec.stage, spec.rank, r(&spec.q_heads), r(&spec.kv_heads), r(&spec.ffn_rows), r(&spec.vocab_rows),
-            human(m.weight_bytes), human(m.kv_cache_bytes), human(m.total)
+            spec.stage,
+            spec.rank,
+            r(&spec.q_heads),
+            r(&spec.kv_heads),
+            r(&spec.ffn_rows),
+            r(&spec.vocab_rows),
+            human(m.weight_bytes),
+            human(m.kv_cache_bytes),
+            human(m.total)
         );
     }
     let max = mem.iter().map(|m| m.total).max().unwrap_or(0);
     let sum: u64 = mem.iter().map(|m| m.total).sum();
-    println!("\nlargest node: {}; all nodes: {} (weights + KV cache; activations and runtime overhead not included)", human(max), human(sum));
+    println!(
+        "\nlargest node: {}; all nodes: {} (weights + KV cache; activations and runtime overhead not included)",
+        human(max),
+        human(sum)
+    );
 }

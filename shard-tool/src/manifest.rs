@@ -87,13 +87,16 @@ impl Manifest {
         let text = serde_json::to_string_pretty(self)
             .map_err(|e| Error::malformed(&path, format!("cannot serialize manifest: {e}")))?;
         let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(text.as_bytes()).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| Error::io(&tmp, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
         fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         Ok(())
     }
 
     pub fn shard(&self, stage: usize, rank: usize) -> Option<&ShardFile> {
-        self.shards.iter().find(|s| s.stage == stage && s.rank == rank)
+        self.shards
+            .iter()
+            .find(|s| s.stage == stage && s.rank == rank)
     }
 }

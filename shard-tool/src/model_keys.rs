@@ -24,7 +24,10 @@ pub fn config_metadata(config: &ModelConfig) -> Vec<(String, Value)> {
         (format!("{a}.attention.value_length"), u(config.head_dim)),
         (format!("{a}.rope.freq_base"), Value::F32(config.rope_theta)),
         (format!("{a}.rope.dimension_count"), u(config.rope_dim)),
-        (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(config.rms_eps)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(config.rms_eps),
+        ),
     ]);
     md
 }
@@ -46,7 +49,8 @@ pub fn llama3_rope_factors(config: &ModelConfig) -> Option<Vec<f32>> {
                 } else if wavelen > low_wavelen {
                     s.factor as f64
                 } else {
-                    let smooth = (s.original_max_position_embeddings as f64 / wavelen - s.low_freq_factor as f64)
+                    let smooth = (s.original_max_position_embeddings as f64 / wavelen
+                        - s.low_freq_factor as f64)
                         / (s.high_freq_factor as f64 - s.low_freq_factor as f64);
                     1.0 / ((1.0 - smooth) / s.factor as f64 + smooth)
                 };

@@ -24,7 +24,10 @@ const CONVERT: &str = "convert it to GGUF with llama.cpp (`python convert_hf_to_
 /// llamafile/ZIP archives holding a `.gguf`.
 pub fn detect_refused_format(path: &Path, head: &[u8]) -> Option<Error> {
     let msg = refusal(path, head)?;
-    Some(Error::Unsupported { path: path.to_owned(), msg })
+    Some(Error::Unsupported {
+        path: path.to_owned(),
+        msg,
+    })
 }
 
 fn refusal(path: &Path, head: &[u8]) -> Option<String> {
@@ -42,11 +45,24 @@ fn refusal(path: &Path, head: &[u8]) -> Option<String> {
              because loading a pickle runs code from the file. {CONVERT}"
         ));
     }
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    if matches!(ext.as_str(), "pth" | "pt" | "ckpt" | "pkl" | "pickle") && !head.starts_with(b"GGUF") {
-        return Some(format!("a .{ext} file is a PyTorch/pickle checkpoint, which Tessera never unpickles. {CONVERT}"));
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if matches!(ext.as_str(), "pth" | "pt" | "ckpt" | "pkl" | "pickle")
+        && !head.starts_with(b"GGUF")
+    {
+        return Some(format!(
+            "a .{ext} file is a PyTorch/pickle checkpoint, which Tessera never unpickles. {CONVERT}"
+        ));
     }
-    let legacy = [(b"lmgg", "GGML"), (b"fmgg", "GGMF"), (b"tjgg", "GGJT"), (b"algg", "GGLA")];
+    let legacy = [
+        (b"lmgg", "GGML"),
+        (b"fmgg", "GGMF"),
+        (b"tjgg", "GGJT"),
+        (b"algg", "GGLA"),
+    ];
     if let Some((_, name)) = legacy.iter().find(|(m, _)| head.starts_with(*m)) {
         return Some(format!(
             "this is a legacy llama.cpp {name} file (before GGUF, 2023); convert it with llama.cpp's \
@@ -62,16 +78,25 @@ fn refusal(path: &Path, head: &[u8]) -> Option<String> {
         (b"7z\xbc\xaf\x27\x1c", "7-Zip", "7z x"),
     ];
     if let Some((_, kind, tool)) = compressed.iter().find(|(m, _, _)| head.starts_with(m)) {
-        return Some(format!("this file is {kind}-compressed; decompress it first (`{tool}`) and pass the result"));
+        return Some(format!(
+            "this file is {kind}-compressed; decompress it first (`{tool}`) and pass the result"
+        ));
     }
     if head.get(257..262) == Some(b"ustar") {
-        return Some("this is a tar archive; extract it first and pass the .gguf or safetensors files".into());
+        return Some(
+            "this is a tar archive; extract it first and pass the .gguf or safetensors files"
+                .into(),
+        );
     }
     if head.starts_with(b"\x93NUMPY") {
-        return Some(format!("this is a NumPy array file, not a model checkpoint. {CONVERT}"));
+        return Some(format!(
+            "this is a NumPy array file, not a model checkpoint. {CONVERT}"
+        ));
     }
     if head.starts_with(b"\x89HDF\r\n\x1a\n") {
-        return Some(format!("this is an HDF5 (Keras/TensorFlow) file, which Tessera does not read. {CONVERT}"));
+        return Some(format!(
+            "this is an HDF5 (Keras/TensorFlow) file, which Tessera does not read. {CONVERT}"
+        ));
     }
     None
 }
@@ -86,9 +111,13 @@ fn zip_pickle_entry(head: &[u8]) -> Option<String> {
     while let Some(found) = find(&head[at..], b"PK\x03\x04") {
         let lfh = at + found;
         at = lfh + 4;
-        let Some(&[lo, hi]) = head.get(lfh + 26..lfh + 28) else { break };
+        let Some(&[lo, hi]) = head.get(lfh + 26..lfh + 28) else {
+            break;
+        };
         let name_len = usize::from(u16::from_le_bytes([lo, hi]));
-        let Some(name) = head.get(lfh + 30..lfh + 30 + name_len) else { continue };
+        let Some(name) = head.get(lfh + 30..lfh + 30 + name_len) else {
+            continue;
+        };
         if name == b"data.pkl" || name.ends_with(b"/data.pkl") {
             return Some(String::from_utf8_lossy(name).into_owned());
         }
@@ -114,9 +143,19 @@ mod tests {
     #[test]
     fn pickles_are_refused_with_conversion_advice() {
         let msg = refused("pytorch_model.bin", b"\x80\x02}q\x00(X\x05").unwrap();
-        assert!(msg.contains("pytorch_model.bin") && msg.contains("protocol 2"), "{msg}");
-        assert!(msg.contains("convert_hf_to_gguf.py") && msg.contains("safe_serialization=True"), "{msg}");
-        assert!(refused("x.bin", b"\x80\x05\x95").unwrap().contains("protocol 5"));
+        assert!(
+            msg.contains("pytorch_model.bin") && msg.contains("protocol 2"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("convert_hf_to_gguf.py") && msg.contains("safe_serialization=True"),
+            "{msg}"
+        );
+        assert!(
+            refused("x.bin", b"\x80\x05\x95")
+                .unwrap()
+                .contains("protocol 5")
+        );
         assert!(refused("x.bin", b"\x80\x06").is_none());
         let safetensors = [&0x480u64.to_le_bytes()[..], b"{\"w\":{}}"].concat();
         assert!(refused("model.safetensors", &safetensors).is_none());
@@ -147,8 +186,16 @@ mod tests {
 
     #[test]
     fn other_formats() {
-        assert!(refused("m.bin", b"tjgg\x03\0\0\0").unwrap().contains("GGJT"));
-        assert!(refused("m.gguf.gz", b"\x1f\x8b\x08").unwrap().contains("gunzip"));
+        assert!(
+            refused("m.bin", b"tjgg\x03\0\0\0")
+                .unwrap()
+                .contains("GGJT")
+        );
+        assert!(
+            refused("m.gguf.gz", b"\x1f\x8b\x08")
+                .unwrap()
+                .contains("gunzip")
+        );
         assert!(refused("m.gguf", b"GGUF\x03\0\0\0").is_none());
         assert!(refused("model.safetensors", b"\x10\0\0\0\0\0\0\0{\"a\":1}").is_none());
         assert!(refused("empty", b"").is_none());

@@ -83,7 +83,10 @@ impl Role {
             "output_norm.weight" => Role::OutputNorm,
             "output.weight" => Role::Output,
             _ => {
-                let (n, part) = name.strip_prefix("blk.")?.strip_suffix(".weight")?.split_once('.')?;
+                let (n, part) = name
+                    .strip_prefix("blk.")?
+                    .strip_suffix(".weight")?
+                    .split_once('.')?;
                 Role::Layer(parse_layer_number(n)?, LayerTensor::from_gguf_part(part)?)
             }
         })
@@ -113,7 +116,8 @@ impl Role {
 
 /// A layer number as written in tensor names: decimal digits, no leading zero.
 pub fn parse_layer_number(n: &str) -> Option<usize> {
-    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0'))
+    {
         return None;
     }
     n.parse().ok()
@@ -125,13 +129,24 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        let roles = [Role::RopeFreqs, Role::TokenEmbd, Role::OutputNorm, Role::Output]
-            .into_iter()
-            .chain(LayerTensor::ALL.into_iter().map(|t| Role::Layer(17, t)));
+        let roles = [
+            Role::RopeFreqs,
+            Role::TokenEmbd,
+            Role::OutputNorm,
+            Role::Output,
+        ]
+        .into_iter()
+        .chain(LayerTensor::ALL.into_iter().map(|t| Role::Layer(17, t)));
         for role in roles {
             assert_eq!(Role::parse(&role.name()), Some(role));
         }
-        for bad in ["blk.01.attn_q.weight", "blk.-1.attn_q.weight", "blk.3.attn_qq.weight", "blk.3.attn_q.bias", "x"] {
+        for bad in [
+            "blk.01.attn_q.weight",
+            "blk.-1.attn_q.weight",
+            "blk.3.attn_qq.weight",
+            "blk.3.attn_q.bias",
+            "x",
+        ] {
             assert_eq!(Role::parse(bad), None, "{bad}");
         }
     }

@@ -47,10 +47,18 @@ impl ByteSource {
             // contract llama.cpp's mmap loading relies on). A concurrent truncation would fault, not corrupt.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
             let len = map.len() as u64;
-            pieces.push(Piece { path: path.clone(), map, start });
+            pieces.push(Piece {
+                path: path.clone(),
+                map,
+                start,
+            });
             start += len;
         }
-        Ok(ByteSource { pieces, base: 0, len: start })
+        Ok(ByteSource {
+            pieces,
+            base: 0,
+            len: start,
+        })
     }
 
     /// A source over bytes held in memory (an anonymous read-only map), named `<memory>` in messages.
@@ -62,7 +70,15 @@ impl ByteSource {
         map.copy_from_slice(&bytes);
         let map = map.make_read_only().map_err(|e| Error::io(&path, e))?;
         let len = map.len() as u64;
-        Ok(ByteSource { pieces: vec![Piece { path, map, start: 0 }], base: 0, len })
+        Ok(ByteSource {
+            pieces: vec![Piece {
+                path,
+                map,
+                start: 0,
+            }],
+            base: 0,
+            len,
+        })
     }
 
     /// Length of the (windowed) logical file.
@@ -142,7 +158,9 @@ impl ByteSource {
 
     /// Index of the piece holding absolute byte `abs` (which must be < total length).
     fn piece_index(&self, abs: u64) -> usize {
-        self.pieces.partition_point(|p| p.start + p.map.len() as u64 <= abs).min(self.pieces.len() - 1)
+        self.pieces
+            .partition_point(|p| p.start + p.map.len() as u64 <= abs)
+            .min(self.pieces.len() - 1)
     }
 
     /// Tells the kernel we are done with `[offset, offset + len)`: its pages leave this process's resident set
@@ -161,7 +179,11 @@ impl ByteSource {
             // madvise needs a page-aligned start; round inwards so we never drop pages still in use.
             let page = 4096u64;
             let lo_rel = (lo - p.start).div_ceil(page) * page;
-            let hi_rel = if hi == p_end { hi - p.start } else { (hi - p.start) / page * page };
+            let hi_rel = if hi == p_end {
+                hi - p.start
+            } else {
+                (hi - p.start) / page * page
+            };
             if lo_rel >= hi_rel {
                 continue;
             }

@@ -17,7 +17,9 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufWriter, SHARD_ALIGNMENT, Value};
-use crate::manifest::{FileEntry, MANIFEST_NAME, MANIFEST_VERSION, Manifest, ShardFile, SourceInfo, shard_file_name};
+use crate::manifest::{
+    FileEntry, MANIFEST_NAME, MANIFEST_VERSION, Manifest, ShardFile, SourceInfo, shard_file_name,
+};
 use crate::plan::{ShardPlan, ShardSpec, Slice};
 use crate::tensor::TensorDesc;
 
@@ -44,12 +46,20 @@ pub struct HashingWriter<W: Write> {
 
 impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        HashingWriter { inner, hasher: Xxh3::new(), written: 0 }
+        HashingWriter {
+            inner,
+            hasher: Xxh3::new(),
+            written: 0,
+        }
     }
 
     /// (bytes written, xxh3 hex, inner writer).
     pub fn into_parts(self) -> (u64, String, W) {
-        (self.written, format!("{:016x}", self.hasher.digest()), self.inner)
+        (
+            self.written,
+            format!("{:016x}", self.hasher.digest()),
+            self.inner,
+        )
     }
 }
 
@@ -76,7 +86,10 @@ struct PendingFile {
 
 impl PendingFile {
     fn new(dir: &Path, name: &str) -> Self {
-        PendingFile { tmp: dir.join(format!(".{name}.tmp")), dest: dir.join(name) }
+        PendingFile {
+            tmp: dir.join(format!(".{name}.tmp")),
+            dest: dir.join(name),
+        }
     }
 
     fn create(&self) -> Result<File> {
@@ -92,10 +105,20 @@ impl PendingFile {
 fn finish_file(writer: ShardWriter, pending: &PendingFile) -> Result<FileEntry> {
     let hashing = writer.finish()?;
     let (bytes, xxh3, buffered) = hashing.into_parts();
-    let file = buffered.into_inner().map_err(|e| Error::io(&pending.tmp, e.into_error()))?;
+    let file = buffered
+        .into_inner()
+        .map_err(|e| Error::io(&pending.tmp, e.into_error()))?;
     file.sync_all().map_err(|e| Error::io(&pending.tmp, e))?;
-    let name = pending.dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(FileEntry { file: name, bytes, xxh3 })
+    let name = pending
+        .dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(FileEntry {
+        file: name,
+        bytes,
+        xxh3,
+    })
 }
 
 fn open_gguf_writer(
@@ -147,7 +170,11 @@ fn prepare_dir(dir: &Path, force: bool) -> Result<()> {
         let old = Manifest::load(dir).ok();
         fs::remove_file(&manifest).map_err(|e| Error::io(&manifest, e))?;
         if let Some(old) = old {
-            let names = old.shards.iter().map(|s| &s.entry.file).chain(old.tokenizer_files.iter().map(|f| &f.file));
+            let names = old
+                .shards
+                .iter()
+                .map(|s| &s.entry.file)
+                .chain(old.tokenizer_files.iter().map(|f| &f.file));
             for name in names {
                 let _ = fs::remove_file(dir.join(name));
             }
@@ -179,11 +206,15 @@ fn route_chunk<'a>(
             if lo >= hi {
                 return &[];
             }
-            &chunk[((lo - rows.start) * row_bytes) as usize..((hi - rows.start) * row_bytes) as usize]
+            &chunk
+                [((lo - rows.start) * row_bytes) as usize..((hi - rows.start) * row_bytes) as usize]
         }
         Slice::Cols { start, end } => {
             let block = desc.ty.block_size() as u64;
-            let (c0, c1) = ((start / block) * desc.ty.type_size() as u64, (end / block) * desc.ty.type_size() as u64);
+            let (c0, c1) = (
+                (start / block) * desc.ty.type_size() as u64,
+                (end / block) * desc.ty.type_size() as u64,
+            );
             scratch.clear();
             for row in chunk.chunks_exact(row_bytes as usize) {
                 scratch.extend_from_slice(&row[c0 as usize..c1 as usize]);
@@ -202,7 +233,10 @@ pub fn split(ckpt: &Checkpoint, plan: &ShardPlan, opts: &SplitOptions) -> Result
     let mut routes: HashMap<&str, Vec<(usize, &Slice)>> = HashMap::new();
     for (i, spec) in plan.shards.iter().enumerate() {
         for t in &spec.tensors {
-            routes.entry(t.name.as_str()).or_default().push((i, &t.slice));
+            routes
+                .entry(t.name.as_str())
+                .or_default()
+                .push((i, &t.slice));
         }
     }
 
@@ -210,8 +244,16 @@ pub fn split(ckpt: &Checkpoint, plan: &ShardPlan, opts: &SplitOptions) -> Result
     let mut writers = Vec::with_capacity(plan.shards.len());
     for spec in &plan.shards {
         let file = PendingFile::new(dir, &shard_file_name(spec.stage, spec.rank));
-        let tensors = spec.tensors.iter().map(|t| TensorDesc::new(t.name.clone(), t.ty, t.shape.clone())).collect();
-        writers.push(open_gguf_writer(&file, shard_metadata(ckpt, plan, spec), tensors)?);
+        let tensors = spec
+            .tensors
+            .iter()
+            .map(|t| TensorDesc::new(t.name.clone(), t.ty, t.shape.clone()))
+            .collect();
+        writers.push(open_gguf_writer(
+            &file,
+            shard_metadata(ckpt, plan, spec),
+            tensors,
+        )?);
         pending.push(file);
     }
 
@@ -254,7 +296,11 @@ pub fn split(ckpt: &Checkpoint, plan: &ShardPlan, opts: &SplitOptions) -> Result
 
     let mut shards = Vec::with_capacity(writers.len());
     for ((writer, file), spec) in writers.into_iter().zip(&pending).zip(&plan.shards) {
-        shards.push(ShardFile { stage: spec.stage, rank: spec.rank, entry: finish_file(writer, file)? });
+        shards.push(ShardFile {
+            stage: spec.stage,
+            rank: spec.rank,
+            entry: finish_file(writer, file)?,
+        });
     }
     let tokenizer_files = write_tokenizer(ckpt, dir)?;
     for file in &pending {
@@ -264,7 +310,11 @@ pub fn split(ckpt: &Checkpoint, plan: &ShardPlan, opts: &SplitOptions) -> Result
     let manifest = Manifest {
         format_version: MANIFEST_VERSION,
         created_by: format!("shard-tool {}", env!("CARGO_PKG_VERSION")),
-        source: SourceInfo { format: ckpt.format.clone(), paths: ckpt.paths.clone(), bytes: ckpt.source_bytes() },
+        source: SourceInfo {
+            format: ckpt.format.clone(),
+            paths: ckpt.paths.clone(),
+            bytes: ckpt.source_bytes(),
+        },
         config: ckpt.config.clone(),
         tokenizer_files,
         chat_template: ckpt.chat_template.clone(),
@@ -288,12 +338,20 @@ fn write_tokenizer(ckpt: &Checkpoint, dir: &Path) -> Result<Vec<FileEntry>> {
         pending.commit()?;
     }
     for src in ckpt.tokenizer_files() {
-        let Some(name) = src.file_name().map(|n| n.to_string_lossy().into_owned()) else { continue };
+        let Some(name) = src.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+            continue;
+        };
         let pending = PendingFile::new(dir, &name);
         let bytes = fs::read(&src).map_err(|e| Error::io(&src, e))?;
         let mut f = pending.create()?;
-        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&pending.tmp, e))?;
-        entries.push(FileEntry { file: name, bytes: bytes.len() as u64, xxh3: xxh3_hex(&bytes) });
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Error::io(&pending.tmp, e))?;
+        entries.push(FileEntry {
+            file: name,
+            bytes: bytes.len() as u64,
+            xxh3: xxh3_hex(&bytes),
+        });
         pending.commit()?;
     }
     Ok(entries)
@@ -309,9 +367,11 @@ pub fn progress_bar(enabled: bool, total: u64, what: &'static str) -> ProgressBa
     }
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     bar.set_message(what);
     bar

@@ -56,11 +56,17 @@ impl Rng {
 }
 
 fn seed_for(seed: u64, name: &str, chunk: u64) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), seed) ^ chunk.wrapping_mul(0xD6E8_FEB8_6659_FD93)
+    xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), seed)
+        ^ chunk.wrapping_mul(0xD6E8_FEB8_6659_FD93)
 }
 
 /// Values of rows [r0, r1) of tensor `desc`.
-fn generate(desc: &TensorDesc, rows: std::ops::Range<u64>, seed: u64, rope: Option<&[f32]>) -> Vec<f32> {
+fn generate(
+    desc: &TensorDesc,
+    rows: std::ops::Range<u64>,
+    seed: u64,
+    rope: Option<&[f32]>,
+) -> Vec<f32> {
     let n = (desc.row_len() * (rows.end - rows.start)) as usize;
     if let Some(factors) = rope.filter(|_| desc.name == "rope_freqs.weight") {
         return factors.to_vec();
@@ -80,10 +86,20 @@ pub fn synth(opts: &SynthOptions) -> Result<ModelConfig> {
     let mut metadata = Vec::new();
     if let Some(tok_path) = &opts.tokenizer_from {
         let tok = GgufSet::open(tok_path)?;
-        let keys: Vec<_> = tok.metadata().iter().filter(|(k, _)| k.starts_with("tokenizer.")).cloned().collect();
-        let n_tokens = tok.get("tokenizer.ggml.tokens").and_then(Value::as_array).map(|a| a.len()).ok_or_else(|| {
-            Error::Missing { path: tok_path.clone(), key: "metadata key `tokenizer.ggml.tokens`".into() }
-        })?;
+        let keys: Vec<_> = tok
+            .metadata()
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .cloned()
+            .collect();
+        let n_tokens = tok
+            .get("tokenizer.ggml.tokens")
+            .and_then(Value::as_array)
+            .map(|a| a.len())
+            .ok_or_else(|| Error::Missing {
+                path: tok_path.clone(),
+                key: "metadata key `tokenizer.ggml.tokens`".into(),
+            })?;
         config.n_vocab = n_tokens;
         metadata = keys;
     }
@@ -130,14 +146,18 @@ pub fn synth(opts: &SynthOptions) -> Result<ModelConfig> {
     }
     bar.finish_and_clear();
     let (_, _, buffered) = writer.finish()?.into_parts();
-    let file = buffered.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+    let file = buffered
+        .into_inner()
+        .map_err(|e| Error::io(&tmp, e.into_error()))?;
     file.sync_all().map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &opts.out).map_err(|e| Error::io(&opts.out, e))?;
     Ok(config)
 }
 
 fn tmp_path(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     out.with_file_name(format!(".{name}.tmp"))
 }
-

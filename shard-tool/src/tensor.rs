@@ -16,7 +16,11 @@ pub struct TensorDesc {
 
 impl TensorDesc {
     pub fn new(name: impl Into<String>, ty: GgmlType, shape: Vec<u64>) -> Self {
-        TensorDesc { name: name.into(), ty, shape }
+        TensorDesc {
+            name: name.into(),
+            ty,
+            shape,
+        }
     }
 
     pub fn n_elements(&self) -> u64 {
@@ -40,8 +44,16 @@ impl TensorDesc {
 
     /// Bytes of the whole tensor.
     pub fn n_bytes(&self) -> Result<u64, QuantError> {
-        let overflow = || QuantError::SizeOverflow { ty: self.ty, n: usize::MAX };
-        let rows = self.shape.iter().skip(1).try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(overflow)?;
+        let overflow = || QuantError::SizeOverflow {
+            ty: self.ty,
+            n: usize::MAX,
+        };
+        let rows = self
+            .shape
+            .iter()
+            .skip(1)
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(overflow)?;
         self.row_bytes()?.checked_mul(rows).ok_or_else(overflow)
     }
 }
@@ -57,6 +69,7 @@ pub mod ggml_type_serde {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<GgmlType, D::Error> {
         let name = String::deserialize(d)?;
-        GgmlType::from_name(&name).ok_or_else(|| D::Error::custom(format!("unknown tensor type `{name}`")))
+        GgmlType::from_name(&name)
+            .ok_or_else(|| D::Error::custom(format!("unknown tensor type `{name}`")))
     }
 }

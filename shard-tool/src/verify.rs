@@ -6,7 +6,7 @@
 //! routing bug in `split` cannot hide behind the same bug here.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use memmap2::Mmap;
 use xxhash_rust::xxh3::Xxh3;
@@ -39,7 +39,13 @@ fn check_file(dir: &Path, entry: &FileEntry, bar: &indicatif::ProgressBar) -> Re
     let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
     let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
     if len != entry.bytes {
-        return Err(mismatch(&path, format!("size {len} bytes, manifest says {}: truncated or replaced", entry.bytes)));
+        return Err(mismatch(
+            &path,
+            format!(
+                "size {len} bytes, manifest says {}: truncated or replaced",
+                entry.bytes
+            ),
+        ));
     }
     let mut hasher = Xxh3::new();
     if len > 0 {
@@ -52,7 +58,10 @@ fn check_file(dir: &Path, entry: &FileEntry, bar: &indicatif::ProgressBar) -> Re
     }
     let got = format!("{:016x}", hasher.digest());
     if got != entry.xxh3 {
-        return Err(mismatch(&path, format!("xxh3 {got}, manifest says {}: file corrupted", entry.xxh3)));
+        return Err(mismatch(
+            &path,
+            format!("xxh3 {got}, manifest says {}: file corrupted", entry.xxh3),
+        ));
     }
     Ok(())
 }
@@ -61,8 +70,12 @@ fn check_file(dir: &Path, entry: &FileEntry, bar: &indicatif::ProgressBar) -> Re
 pub fn verify(dir: &Path, source: Option<&Checkpoint>, progress: bool) -> Result<VerifyReport> {
     let manifest = Manifest::load(dir)?;
     let mut report = VerifyReport::default();
-    let entries: Vec<&FileEntry> =
-        manifest.shards.iter().map(|s| &s.entry).chain(manifest.tokenizer_files.iter()).collect();
+    let entries: Vec<&FileEntry> = manifest
+        .shards
+        .iter()
+        .map(|s| &s.entry)
+        .chain(manifest.tokenizer_files.iter())
+        .collect();
     let total = entries.iter().map(|e| e.bytes).sum();
     let bar = progress_bar(progress, total, "checksums");
     for entry in &entries {
@@ -74,7 +87,11 @@ pub fn verify(dir: &Path, source: Option<&Checkpoint>, progress: bool) -> Result
     if manifest.shards.len() != manifest.plan.shards.len() {
         return Err(mismatch(
             &dir.join(crate::manifest::MANIFEST_NAME),
-            format!("{} shard files listed for {} planned shards", manifest.shards.len(), manifest.plan.shards.len()),
+            format!(
+                "{} shard files listed for {} planned shards",
+                manifest.shards.len(),
+                manifest.plan.shards.len()
+            ),
         ));
     }
 
@@ -89,7 +106,10 @@ pub fn verify(dir: &Path, source: Option<&Checkpoint>, progress: bool) -> Result
         let bar = progress_bar(progress, total, "comparing with source");
         for spec in &manifest.plan.shards {
             let Some(file) = manifest.shard(spec.stage, spec.rank) else {
-                return Err(mismatch(dir, format!("no file for stage {} rank {}", spec.stage, spec.rank)));
+                return Err(mismatch(
+                    dir,
+                    format!("no file for stage {} rank {}", spec.stage, spec.rank),
+                ));
             };
             let path = dir.join(&file.entry.file);
             let shard = GgufSet::open_paths(std::slice::from_ref(&path))?;
@@ -97,11 +117,16 @@ pub fn verify(dir: &Path, source: Option<&Checkpoint>, progress: bool) -> Result
             if shard.tensors.len() != spec.tensors.len() {
                 return Err(mismatch(
                     &path,
-                    format!("{} tensors, the plan has {}", shard.tensors.len(), spec.tensors.len()),
+                    format!(
+                        "{} tensors, the plan has {}",
+                        shard.tensors.len(),
+                        spec.tensors.len()
+                    ),
                 ));
             }
             for (slice, t) in spec.tensors.iter().zip(&shard.tensors) {
-                if t.desc.name != slice.name || t.desc.ty != slice.ty || t.desc.shape != slice.shape {
+                if t.desc.name != slice.name || t.desc.ty != slice.ty || t.desc.shape != slice.shape
+                {
                     return Err(mismatch(
                         &path,
                         format!(
@@ -125,22 +150,31 @@ fn check_shard_keys(shard: &GgufSet, path: &Path, stage: usize, rank: usize) -> 
     for (key, want) in [("tessera.shard.stage", stage), ("tessera.shard.rank", rank)] {
         let got = shard.get(key).and_then(Value::as_u64);
         if got != Some(want as u64) {
-            return Err(mismatch(path, format!("`{key}` is {got:?}, expected {want}")));
+            return Err(mismatch(
+                path,
+                format!("`{key}` is {got:?}, expected {want}"),
+            ));
         }
     }
     Ok(())
 }
 
 /// Compares a shard tensor's bytes with the source, row by row.
-fn compare_slice(ckpt: &Checkpoint, slice: &TensorSlice, shard: &[u8], path: &PathBuf) -> Result<()> {
+fn compare_slice(ckpt: &Checkpoint, slice: &TensorSlice, shard: &[u8], path: &Path) -> Result<()> {
     let Some(index) = ckpt.position(&slice.name) else {
-        return Err(mismatch(ckpt.path(), format!("source has no tensor `{}`", slice.name)));
+        return Err(mismatch(
+            ckpt.path(),
+            format!("source has no tensor `{}`", slice.name),
+        ));
     };
     let src_desc = &ckpt.tensors[index];
     if src_desc.shape != slice.full_shape || src_desc.ty != slice.ty {
         return Err(mismatch(
             ckpt.path(),
-            format!("source tensor `{}` is {:?} {:?}, the plan expects {:?} {:?}", slice.name, src_desc.ty, src_desc.shape, slice.ty, slice.full_shape),
+            format!(
+                "source tensor `{}` is {:?} {:?}, the plan expects {:?} {:?}",
+                slice.name, src_desc.ty, src_desc.shape, slice.ty, slice.full_shape
+            ),
         ));
     }
     let src_row = src_desc.row_bytes().map_err(|source| Error::Tensor {
@@ -153,11 +187,24 @@ fn compare_slice(ckpt: &Checkpoint, slice: &TensorSlice, shard: &[u8], path: &Pa
     let (row0, rows, col0, col1) = match slice.slice {
         Slice::Whole => (0, src_desc.n_rows(), 0, src_row),
         Slice::Rows { start, end } => (start, end - start, 0, src_row),
-        Slice::Cols { start, end } => (0, src_desc.n_rows(), elems_to_bytes(start), elems_to_bytes(end)),
+        Slice::Cols { start, end } => (
+            0,
+            src_desc.n_rows(),
+            elems_to_bytes(start),
+            elems_to_bytes(end),
+        ),
     };
     let shard_row = col1 - col0;
     if shard.len() != shard_row * rows as usize {
-        return Err(mismatch(path, format!("tensor `{}` holds {} bytes, expected {}", slice.name, shard.len(), shard_row * rows as usize)));
+        return Err(mismatch(
+            path,
+            format!(
+                "tensor `{}` holds {} bytes, expected {}",
+                slice.name,
+                shard.len(),
+                shard_row * rows as usize
+            ),
+        ));
     }
     let mut r = 0;
     while r < rows {
@@ -169,7 +216,12 @@ fn compare_slice(ckpt: &Checkpoint, slice: &TensorSlice, shard: &[u8], path: &Pa
             if &shard[at..at + shard_row] != want {
                 return Err(mismatch(
                     path,
-                    format!("tensor `{}` row {} differs from source row {}", slice.name, r as usize + i, row0 + r + i as u64),
+                    format!(
+                        "tensor `{}` row {} differs from source row {}",
+                        slice.name,
+                        r as usize + i,
+                        row0 + r + i as u64
+                    ),
                 ));
             }
         }

@@ -18,9 +18,20 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 /// Splitting `input` must fail with `needles` and leave `out` without any shard-looking file.
 fn split_fails(input: &Path, needles: &[&str]) {
     let out = tempfile::tempdir().unwrap();
-    let o = shard_tool([Path::new("split"), input, Path::new("--tp"), Path::new("2"), Path::new("-o"), out.path()]);
+    let o = shard_tool([
+        Path::new("split"),
+        input,
+        Path::new("--tp"),
+        Path::new("2"),
+        Path::new("-o"),
+        out.path(),
+    ]);
     assert_fails_with(&o, needles);
-    let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert!(left.is_empty(), "failed split left {left:?}");
 }
 
@@ -56,11 +67,16 @@ fn malformed_files_are_refused_with_the_field_named() {
 fn unsupported_tensor_type_names_tensor_and_type() {
     let dir = tempfile::tempdir().unwrap();
     let spec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("gguf/tiny_llama.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(fixtures().join("gguf/tiny_llama.json")).unwrap())
+            .unwrap();
     let mut bytes = std::fs::read(fixtures().join("gguf/tiny_llama.gguf")).unwrap();
     // Rewrite the type id of the first tensor info (name, n_dims, dims, then the u32 type) to 16 = IQ2_XXS.
     let name = spec["files"]["f32"]["tensors"][0]["name"].as_str().unwrap();
-    let at = bytes.windows(name.len()).position(|w| w == name.as_bytes()).unwrap() + name.len();
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name.as_bytes())
+        .unwrap()
+        + name.len();
     let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     let ty_at = at + 4 + 8 * n_dims;
     bytes[ty_at..ty_at + 4].copy_from_slice(&16u32.to_le_bytes());
@@ -72,10 +88,18 @@ fn unsupported_tensor_type_names_tensor_and_type() {
 fn pytorch_pickles_are_refused_with_how_to_convert() {
     let dir = tempfile::tempdir().unwrap();
     // A pickle protocol-2 stream header, as torch.save's legacy format starts.
-    let p = write(dir.path(), "consolidated.00.pth", b"\x80\x02}q\x00(X\x03\x00\x00\x00abcq\x01.");
+    let p = write(
+        dir.path(),
+        "consolidated.00.pth",
+        b"\x80\x02}q\x00(X\x03\x00\x00\x00abcq\x01.",
+    );
     split_fails(&p, &["consolidated.00.pth", "convert"]);
     let hf = tempfile::tempdir().unwrap();
-    std::fs::copy(fixtures().join("hf_tiny/config.json"), hf.path().join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("hf_tiny/config.json"),
+        hf.path().join("config.json"),
+    )
+    .unwrap();
     write(hf.path(), "pytorch_model.bin", b"\x80\x02}q\x00.");
     split_fails(hf.path(), &["pytorch_model.bin", "convert"]);
 }
@@ -85,7 +109,12 @@ fn impossible_topologies_are_explained() {
     let model = fixtures().join("k_quants/tiny_llama_kq_q4_k.gguf");
     let o = shard_tool([Path::new("plan"), &model, Path::new("--tp"), Path::new("2")]);
     assert_fails_with(&o, &["attn_output", "256"]);
-    let o = shard_tool([Path::new("plan"), &fixtures().join("gguf/tiny_llama.gguf"), Path::new("--pp"), Path::new("3")]);
+    let o = shard_tool([
+        Path::new("plan"),
+        &fixtures().join("gguf/tiny_llama.gguf"),
+        Path::new("--pp"),
+        Path::new("3"),
+    ]);
     assert_fails_with(&o, &["layers"]);
 }
 
@@ -93,7 +122,15 @@ fn impossible_topologies_are_explained() {
 fn verify_detects_a_corrupted_shard() {
     let out = tempfile::tempdir().unwrap();
     let model = fixtures().join("gguf/tiny_llama.gguf");
-    assert_ok(&shard_tool([Path::new("split"), &model, Path::new("--tp"), Path::new("2"), Path::new("-q"), Path::new("-o"), out.path()]));
+    assert_ok(&shard_tool([
+        Path::new("split"),
+        &model,
+        Path::new("--tp"),
+        Path::new("2"),
+        Path::new("-q"),
+        Path::new("-o"),
+        out.path(),
+    ]));
     let shard = out.path().join("stage00-rank01.gguf");
     let mut bytes = std::fs::read(&shard).unwrap();
     let n = bytes.len();
@@ -110,19 +147,38 @@ fn interrupted_split_leaves_nothing_valid() {
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("model.gguf");
     assert_ok(&shard_tool([
-        "synth", "--shape", "llama3-1b", "--layers", "2", "--quant", "Q8_0", "-q", "-o",
+        "synth",
+        "--shape",
+        "llama3-1b",
+        "--layers",
+        "2",
+        "--quant",
+        "Q8_0",
+        "-q",
+        "-o",
         model.to_str().unwrap(),
     ]));
     let out = work.path().join("shards");
     let mut child = Command::new(common::bin())
-        .args([Path::new("split"), &model, Path::new("--tp"), Path::new("2"), Path::new("-q"), Path::new("-o"), &out])
+        .args([
+            Path::new("split"),
+            &model,
+            Path::new("--tp"),
+            Path::new("2"),
+            Path::new("-q"),
+            Path::new("-o"),
+            &out,
+        ])
         .spawn()
         .unwrap();
     // Kill as soon as the first temporary shard exists (or give up after the split ended by itself).
     let started = std::time::Instant::now();
     loop {
         let has_tmp = std::fs::read_dir(&out)
-            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".tmp")))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            })
             .unwrap_or(false);
         if has_tmp || started.elapsed().as_secs() > 30 || child.try_wait().unwrap().is_some() {
             break;
@@ -131,18 +187,52 @@ fn interrupted_split_leaves_nothing_valid() {
     }
     let _ = child.kill();
     let status = child.wait().unwrap();
-    assert!(!status.success(), "split finished before it could be interrupted; use a larger model");
+    assert!(
+        !status.success(),
+        "split finished before it could be interrupted; use a larger model"
+    );
     {
-        let names: Vec<String> =
-            std::fs::read_dir(&out).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        assert!(!names.iter().any(|n| n == "manifest.json"), "interrupted split left a manifest: {names:?}");
-        assert!(names.iter().all(|n| n.starts_with('.') && n.ends_with(".tmp")), "non-temporary files: {names:?}");
+        let names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n == "manifest.json"),
+            "interrupted split left a manifest: {names:?}"
+        );
+        assert!(
+            names
+                .iter()
+                .all(|n| n.starts_with('.') && n.ends_with(".tmp")),
+            "non-temporary files: {names:?}"
+        );
         let o = shard_tool([Path::new("verify"), &out]);
         assert_fails_with(&o, &["manifest.json"]);
     }
-    assert_ok(&shard_tool([Path::new("split"), &model, Path::new("--tp"), Path::new("2"), Path::new("-q"), Path::new("-o"), &out]));
-    let names: Vec<String> =
-        std::fs::read_dir(&out).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "temporaries not cleaned: {names:?}");
-    assert_ok(&shard_tool([Path::new("verify"), &out, Path::new("-q"), Path::new("--source"), &model]));
+    assert_ok(&shard_tool([
+        Path::new("split"),
+        &model,
+        Path::new("--tp"),
+        Path::new("2"),
+        Path::new("-q"),
+        Path::new("-o"),
+        &out,
+    ]));
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.ends_with(".tmp")),
+        "temporaries not cleaned: {names:?}"
+    );
+    assert_ok(&shard_tool([
+        Path::new("verify"),
+        &out,
+        Path::new("-q"),
+        Path::new("--source"),
+        &model,
+    ]));
 }

@@ -18,8 +18,18 @@ const F32: u64 = 4;
 
 fn nodes(tp: u64, pp: u64, ctx: u64) -> Vec<serde_json::Value> {
     let o = shard_tool([
-        "plan", "--shape", "llama3-405b", "--quant", "BF16", "--tp", &tp.to_string(), "--pp", &pp.to_string(), "--ctx",
-        &ctx.to_string(), "--json",
+        "plan",
+        "--shape",
+        "llama3-405b",
+        "--quant",
+        "BF16",
+        "--tp",
+        &tp.to_string(),
+        "--pp",
+        &pp.to_string(),
+        "--ctx",
+        &ctx.to_string(),
+        "--json",
     ]);
     assert_ok(&o);
     serde_json::from_str(&stdout(&o)).unwrap()
@@ -41,7 +51,10 @@ fn tp16_pp1_memory_matches_the_shapes() {
     assert_eq!(got.len(), 16);
     let vocab_rows = VOCAB / 16; // 8016, an even split
     let rope_freqs = HEAD_DIM / 2 * F32;
-    let weights = LAYERS * layer_bytes_per_rank(16) + 2 * vocab_rows * HIDDEN * BF16 + HIDDEN * F32 + rope_freqs;
+    let weights = LAYERS * layer_bytes_per_rank(16)
+        + 2 * vocab_rows * HIDDEN * BF16
+        + HIDDEN * F32
+        + rope_freqs;
     let kv = ctx * LAYERS * HEAD_DIM * 2 * BF16; // one KV head per rank
     for n in &got {
         assert_eq!(n["weight_bytes"].as_u64().unwrap(), weights, "{n}");
@@ -61,7 +74,10 @@ fn tp8_pp2_memory_matches_the_shapes() {
     let stage_layers = LAYERS / 2; // 63 + 63
     let rope_freqs = HEAD_DIM / 2 * F32;
     let first = stage_layers * layer_bytes_per_rank(8) + vocab_rows * HIDDEN * BF16 + rope_freqs;
-    let last = stage_layers * layer_bytes_per_rank(8) + vocab_rows * HIDDEN * BF16 + HIDDEN * F32 + rope_freqs;
+    let last = stage_layers * layer_bytes_per_rank(8)
+        + vocab_rows * HIDDEN * BF16
+        + HIDDEN * F32
+        + rope_freqs;
     let kv = ctx * stage_layers * HEAD_DIM * 2 * BF16;
     for n in &got {
         let want = if n["stage"] == 0 { first } else { last };

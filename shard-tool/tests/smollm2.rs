@@ -12,21 +12,43 @@ fn split_and_verify(model: &[&Path], tp: usize, pp: usize, verify_against: &[&Pa
     let out = tempfile::tempdir().unwrap();
     let mut args: Vec<String> = vec!["split".into()];
     args.extend(model.iter().map(|p| p.display().to_string()));
-    args.extend(["--tp".into(), tp.to_string(), "--pp".into(), pp.to_string(), "-q".into(), "-o".into()]);
+    args.extend([
+        "--tp".into(),
+        tp.to_string(),
+        "--pp".into(),
+        pp.to_string(),
+        "-q".into(),
+        "-o".into(),
+    ]);
     args.push(out.path().display().to_string());
     assert_ok(&shard_tool(&args));
 
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["shards"].as_array().unwrap().len(), tp * pp);
-    assert!(manifest["chat_template"].as_str().unwrap().contains("im_start"), "chat template travels");
+    assert!(
+        manifest["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("im_start"),
+        "chat template travels"
+    );
     assert_eq!(manifest["tokenizer_files"][0]["file"], "tokenizer.gguf");
 
-    let mut args = vec!["verify".to_string(), out.path().display().to_string(), "-q".into(), "--source".into()];
+    let mut args = vec![
+        "verify".to_string(),
+        out.path().display().to_string(),
+        "-q".into(),
+        "--source".into(),
+    ];
     args.extend(verify_against.iter().map(|p| p.display().to_string()));
     let o = shard_tool(&args);
     assert_ok(&o);
-    assert!(stdout(&o).contains("tensor slices equal the source bytes"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("tensor slices equal the source bytes"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
@@ -48,7 +70,10 @@ fn inspect_shows_the_real_hyperparameters() {
         "pre-tokenizer smollm",
         "chat template:   present",
     ] {
-        assert!(text.contains(want), "inspect output lacks `{want}`:\n{text}");
+        assert!(
+            text.contains(want),
+            "inspect output lacks `{want}`:\n{text}"
+        );
     }
 }
 
@@ -74,7 +99,10 @@ fn split_from_three_byte_pieces_verifies() {
     let mut pieces = Vec::new();
     for (i, w) in cuts.windows(2).enumerate() {
         let p = dir.path().join(format!("SmolLM2.gguf.cat{i}"));
-        std::fs::File::create(&p).unwrap().write_all(&bytes[w[0]..w[1]]).unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(&bytes[w[0]..w[1]])
+            .unwrap();
         pieces.push(p);
     }
     let refs: Vec<&Path> = pieces.iter().map(|p| p.as_path()).collect();

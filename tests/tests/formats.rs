@@ -12,7 +12,10 @@ use tessera_tests::{fixtures, read_f32};
 
 fn json(rel: &str) -> Json {
     let path = fixtures().join(rel);
-    serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+    serde_json::from_slice(
+        &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
 }
 
 fn open(paths: &[PathBuf]) -> Checkpoint {
@@ -25,7 +28,9 @@ fn f(rel: &str) -> PathBuf {
 
 /// All values of tensor `name`, dequantized.
 fn values(ckpt: &Checkpoint, name: &str) -> Vec<f32> {
-    let i = ckpt.position(name).unwrap_or_else(|| panic!("{}: no tensor {name}", ckpt.path().display()));
+    let i = ckpt
+        .position(name)
+        .unwrap_or_else(|| panic!("{}: no tensor {name}", ckpt.path().display()));
     let desc = &ckpt.tensors[i];
     let bytes = ckpt.rows(i, 0..desc.n_rows()).unwrap();
     let mut out = vec![0f32; desc.n_elements() as usize];
@@ -34,7 +39,10 @@ fn values(ckpt: &Checkpoint, name: &str) -> Vec<f32> {
 }
 
 fn bits_equal(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
 }
 
 #[test]
@@ -48,11 +56,17 @@ fn tiny_llama_config_matches_gguf_py_hparams() {
     assert_eq!(c.n_head as u64, h["head_count"].as_u64().unwrap());
     assert_eq!(c.n_head_kv as u64, h["head_count_kv"].as_u64().unwrap());
     assert_eq!(c.head_dim as u64, h["head_dim"].as_u64().unwrap());
-    assert_eq!(c.rope_dim as u64, h["rope_dimension_count"].as_u64().unwrap());
+    assert_eq!(
+        c.rope_dim as u64,
+        h["rope_dimension_count"].as_u64().unwrap()
+    );
     assert_eq!(c.n_vocab as u64, h["vocab_size"].as_u64().unwrap());
     assert_eq!(c.n_ctx_train as u64, h["context_length"].as_u64().unwrap());
     assert_eq!(c.rope_theta, h["rope_freq_base"].as_f64().unwrap() as f32);
-    assert_eq!(c.rms_eps, h["layer_norm_rms_epsilon"].as_f64().unwrap() as f32);
+    assert_eq!(
+        c.rms_eps,
+        h["layer_norm_rms_epsilon"].as_f64().unwrap() as f32
+    );
     assert_eq!(c.tied_embeddings, h["tied_embeddings"].as_bool().unwrap());
 }
 
@@ -66,16 +80,36 @@ fn every_input_form_reads_as_the_same_model() {
     let split = |n: usize| f(&format!("split/tiny_llama-0000{n}-of-00003.gguf"));
     let forms: Vec<(&str, Vec<PathBuf>, &Checkpoint)> = vec![
         ("GGUF v2", vec![f("gguf/tiny_llama_v2.gguf")], &reference),
-        ("byte pieces, all given", vec![cat(0), cat(1), cat(2)], &reference),
+        (
+            "byte pieces, all given",
+            vec![cat(0), cat(1), cat(2)],
+            &reference,
+        ),
         ("byte pieces, first given", vec![cat(0)], &reference),
         ("gguf-split, first given", vec![split(1)], &reference),
-        ("gguf-split, all given", vec![split(3), split(1), split(2)], &reference),
+        (
+            "gguf-split, all given",
+            vec![split(3), split(1), split(2)],
+            &reference,
+        ),
         ("llamafile", vec![f("llamafile/tiny.llamafile")], &reference),
-        ("llamafile ZIP64", vec![f("llamafile/tiny_zip64.llamafile")], &q8_reference),
+        (
+            "llamafile ZIP64",
+            vec![f("llamafile/tiny_zip64.llamafile")],
+            &q8_reference,
+        ),
         ("HF single f32", vec![f("hf_tiny")], &reference),
         ("HF sharded bf16", vec![f("hf_tiny_sharded")], &reference),
-        ("HF index file", vec![f("hf_tiny_sharded/model.safetensors.index.json")], &reference),
-        ("HF safetensors file", vec![f("hf_tiny/model.safetensors")], &reference),
+        (
+            "HF index file",
+            vec![f("hf_tiny_sharded/model.safetensors.index.json")],
+            &reference,
+        ),
+        (
+            "HF safetensors file",
+            vec![f("hf_tiny/model.safetensors")],
+            &reference,
+        ),
     ];
     for (what, paths, want) in forms {
         let got = open(&paths);
@@ -89,12 +123,19 @@ fn every_input_form_reads_as_the_same_model() {
             let g = &got.tensors[got.position(&t.name).unwrap()];
             assert_eq!(g.shape, t.shape, "{what}: {} shape", t.name);
             if g.ty == t.ty {
-                let (gi, wi) = (got.position(&t.name).unwrap(), want.position(&t.name).unwrap());
+                let (gi, wi) = (
+                    got.position(&t.name).unwrap(),
+                    want.position(&t.name).unwrap(),
+                );
                 let a = got.rows(gi, 0..g.n_rows()).unwrap();
                 let b = want.rows(wi, 0..t.n_rows()).unwrap();
                 assert!(a == b, "{what}: {} bytes differ", t.name);
             } else {
-                assert!(bits_equal(&values(&got, &t.name), &values(want, &t.name)), "{what}: {} values differ", t.name);
+                assert!(
+                    bits_equal(&values(&got, &t.name), &values(want, &t.name)),
+                    "{what}: {} values differ",
+                    t.name
+                );
             }
         }
     }
@@ -103,16 +144,30 @@ fn every_input_form_reads_as_the_same_model() {
 #[test]
 fn tiny_llama_tensors_match_gguf_py_summaries() {
     let spec = json("gguf/tiny_llama.json");
-    for (key, file) in [("f32", "gguf/tiny_llama.gguf"), ("q8_0", "gguf/tiny_llama_q8_0.gguf")] {
+    for (key, file) in [
+        ("f32", "gguf/tiny_llama.gguf"),
+        ("q8_0", "gguf/tiny_llama_q8_0.gguf"),
+    ] {
         let ckpt = open(&[f(file)]);
         for t in spec["files"][key]["tensors"].as_array().unwrap() {
             let name = t["name"].as_str().unwrap();
             let v = values(&ckpt, name);
-            let first8: Vec<f32> = t["first8"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-            assert!(bits_equal(&v[..first8.len()], &first8), "{file} {name}: first values");
+            let first8: Vec<f32> = t["first8"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            assert!(
+                bits_equal(&v[..first8.len()], &first8),
+                "{file} {name}: first values"
+            );
             let sum: f64 = v.iter().map(|&x| x as f64).sum();
             let want = t["sum"].as_f64().unwrap();
-            assert!((sum - want).abs() <= 1e-9 * want.abs().max(1.0), "{file} {name}: sum {sum} vs {want}");
+            assert!(
+                (sum - want).abs() <= 1e-9 * want.abs().max(1.0),
+                "{file} {name}: sum {sum} vs {want}"
+            );
         }
     }
 }
@@ -125,14 +180,23 @@ fn dequantized_values_equal_gguf_py_for_every_type_it_writes() {
     assert!(tensors.len() >= 8);
     for t in tensors {
         let name = t["name"].as_str().unwrap();
-        let st = ckpt.tensor(name).unwrap_or_else(|| panic!("no tensor {name}"));
+        let st = ckpt
+            .tensor(name)
+            .unwrap_or_else(|| panic!("no tensor {name}"));
         assert_eq!(st.desc.ty.name(), t["type"].as_str().unwrap(), "{name}");
-        assert_eq!(st.offset, t["data_offset"].as_u64().unwrap(), "{name}: data offset");
+        assert_eq!(
+            st.offset,
+            t["data_offset"].as_u64().unwrap(),
+            "{name}: data offset"
+        );
         let bytes = ckpt.tensor_data(st).unwrap();
         let mut got = vec![0f32; st.desc.n_elements() as usize];
         dequantize_row(st.desc.ty, &bytes, &mut got).unwrap();
         let want = read_f32(&f(&format!("gguf/{}", t["dequant_file"].as_str().unwrap())));
-        assert!(bits_equal(&got, &want), "{name}: dequantized values differ from gguf.quants.dequantize");
+        assert!(
+            bits_equal(&got, &want),
+            "{name}: dequantized values differ from gguf.quants.dequantize"
+        );
     }
 }
 
@@ -156,39 +220,79 @@ fn k_quants_from_llama_quantize_dequantize_like_gguf_py() {
             let mut got = vec![0f32; (rows * d["row_len"].as_u64().unwrap()) as usize];
             dequantize_row(ty, &bytes, &mut got).unwrap();
             let want = read_f32(&path.with_file_name(d["file"].as_str().unwrap()));
-            assert!(bits_equal(&got, &want), "{}: {name} differs from gguf.quants.dequantize", path.display());
+            assert!(
+                bits_equal(&got, &want),
+                "{}: {name} differs from gguf.quants.dequantize",
+                path.display()
+            );
         }
     }
-    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]);
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+    );
 }
 
 #[test]
 fn hf_configs_llama31_v5_and_tied() {
     let spec = json("hf_tiny.json");
-    for dir in ["hf_tiny", "hf_tiny_sharded", "hf_tiny_tied", "hf_tiny_llama31", "hf_tiny_v5"] {
+    for dir in [
+        "hf_tiny",
+        "hf_tiny_sharded",
+        "hf_tiny_tied",
+        "hf_tiny_llama31",
+        "hf_tiny_v5",
+    ] {
         let want = &spec["dirs"][dir]["config"];
         let c = open(&[f(dir)]).config;
-        assert_eq!(c.rope_theta, want["rope_theta"].as_f64().unwrap() as f32, "{dir}");
-        assert_eq!(c.n_ctx_train as u64, want["max_position_embeddings"].as_u64().unwrap(), "{dir}");
-        assert_eq!(c.tied_embeddings, want["tie_word_embeddings"].as_bool().unwrap(), "{dir}");
+        assert_eq!(
+            c.rope_theta,
+            want["rope_theta"].as_f64().unwrap() as f32,
+            "{dir}"
+        );
+        assert_eq!(
+            c.n_ctx_train as u64,
+            want["max_position_embeddings"].as_u64().unwrap(),
+            "{dir}"
+        );
+        assert_eq!(
+            c.tied_embeddings,
+            want["tie_word_embeddings"].as_bool().unwrap(),
+            "{dir}"
+        );
         match want["rope_scaling"].as_object() {
             None => assert!(c.rope_scaling.is_none(), "{dir}"),
             Some(s) => {
-                let got = c.rope_scaling.unwrap_or_else(|| panic!("{dir}: no rope scaling"));
+                let got = c
+                    .rope_scaling
+                    .unwrap_or_else(|| panic!("{dir}: no rope scaling"));
                 assert_eq!(got.factor, s["factor"].as_f64().unwrap() as f32);
-                assert_eq!(got.low_freq_factor, s["low_freq_factor"].as_f64().unwrap() as f32);
-                assert_eq!(got.high_freq_factor, s["high_freq_factor"].as_f64().unwrap() as f32);
+                assert_eq!(
+                    got.low_freq_factor,
+                    s["low_freq_factor"].as_f64().unwrap() as f32
+                );
+                assert_eq!(
+                    got.high_freq_factor,
+                    s["high_freq_factor"].as_f64().unwrap() as f32
+                );
                 assert_eq!(
                     got.original_max_position_embeddings as u64,
                     s["original_max_position_embeddings"].as_u64().unwrap()
                 );
                 // The factors llama.cpp's converter would store in rope_freqs.weight.
                 let factors = llama3_rope_factors(&c).unwrap();
-                let want: Vec<f64> =
-                    spec["llama3_rope_freqs"]["factors"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+                let want: Vec<f64> = spec["llama3_rope_freqs"]["factors"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect();
                 assert_eq!(factors.len(), want.len(), "{dir}");
                 for (g, w) in factors.iter().zip(&want) {
-                    assert!((*g as f64 - w).abs() < 1e-5, "{dir}: rope factors {factors:?} vs {want:?}");
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-5,
+                        "{dir}: rope factors {factors:?} vs {want:?}"
+                    );
                 }
             }
         }
@@ -196,4 +300,3 @@ fn hf_configs_llama31_v5_and_tied() {
     let tied = open(&[f("hf_tiny_tied")]);
     assert!(tied.position("output.weight").is_none());
 }
-

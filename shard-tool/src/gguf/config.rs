@@ -27,32 +27,47 @@ pub fn model_config_from<'a>(
     if arch != "llama" {
         return Err(Error::Unsupported {
             path: path.to_owned(),
-            msg: format!("`general.architecture` is \"{arch}\"; Tessera runs the \"llama\" architecture only"),
+            msg: format!(
+                "`general.architecture` is \"{arch}\"; Tessera runs the \"llama\" architecture only"
+            ),
         });
     }
     let key = |k: &str| format!("{arch}.{k}");
 
     if let Some(v) = md.get(&key("rope.scaling.type")) {
-        let factor = md.get(&key("rope.scaling.factor")).and_then(Value::as_f32).unwrap_or(1.0);
+        let factor = md
+            .get(&key("rope.scaling.factor"))
+            .and_then(Value::as_f32)
+            .unwrap_or(1.0);
         let kind = v.as_str().unwrap_or("?");
         if !(kind == "none" || (kind == "linear" && factor == 1.0)) {
             return Err(Error::Unsupported {
                 path: path.to_owned(),
-                msg: format!("`{}` is {v} (factor {factor}): only unscaled RoPE and Llama 3.1 rope_freqs are supported", key("rope.scaling.type")),
+                msg: format!(
+                    "`{}` is {v} (factor {factor}): only unscaled RoPE and Llama 3.1 rope_freqs are supported",
+                    key("rope.scaling.type")
+                ),
             });
         }
     }
 
     let n_embd = md.usize(&key("embedding_length"))?;
     let n_head = md.usize(&key("attention.head_count"))?;
-    let n_head_kv = md.opt_usize(&key("attention.head_count_kv"))?.unwrap_or(n_head);
-    let head_dim = md.opt_usize(&key("attention.key_length"))?.unwrap_or(n_embd.checked_div(n_head).unwrap_or(0));
+    let n_head_kv = md
+        .opt_usize(&key("attention.head_count_kv"))?
+        .unwrap_or(n_head);
+    let head_dim = md
+        .opt_usize(&key("attention.key_length"))?
+        .unwrap_or(n_embd.checked_div(n_head).unwrap_or(0));
     if let Some(v_dim) = md.opt_usize(&key("attention.value_length"))?
         && v_dim != head_dim
     {
         return Err(Error::Unsupported {
             path: path.to_owned(),
-            msg: format!("`{}` {v_dim} differs from the key length {head_dim}", key("attention.value_length")),
+            msg: format!(
+                "`{}` {v_dim} differs from the key length {head_dim}",
+                key("attention.value_length")
+            ),
         });
     }
 
@@ -82,7 +97,10 @@ pub fn model_config_from<'a>(
     };
     let config = ModelConfig {
         arch: arch.to_owned(),
-        name: md.get("general.name").and_then(Value::as_str).map(str::to_owned),
+        name: md
+            .get("general.name")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
         n_vocab,
         n_embd,
         n_layer: md.usize(&key("block_count"))?,
@@ -92,12 +110,20 @@ pub fn model_config_from<'a>(
         n_ff: md.usize(&key("feed_forward_length"))?,
         n_ctx_train: md.usize(&key("context_length"))?,
         rope_theta,
-        rope_dim: md.opt_usize(&key("rope.dimension_count"))?.unwrap_or(head_dim),
+        rope_dim: md
+            .opt_usize(&key("rope.dimension_count"))?
+            .unwrap_or(head_dim),
         rope_scaling: None,
-        rms_eps: md.require(&key("attention.layer_norm_rms_epsilon"), Value::as_f32, "a float")?,
+        rms_eps: md.require(
+            &key("attention.layer_norm_rms_epsilon"),
+            Value::as_f32,
+            "a float",
+        )?,
         tied_embeddings: !has_output,
     };
-    config.validate().map_err(|msg| Error::malformed(path, format!("model hyperparameters: {msg}")))?;
+    config
+        .validate()
+        .map_err(|msg| Error::malformed(path, format!("model hyperparameters: {msg}")))?;
     Ok(config)
 }
 
@@ -112,36 +138,64 @@ impl<'a> Meta<'a> {
     }
 
     fn wrong_type(&self, key: &str, v: &Value, expected: &str) -> Error {
-        Error::malformed(self.path, format!("metadata key `{key}` is {v} ({}), expected {expected}", v.value_type()))
+        Error::malformed(
+            self.path,
+            format!(
+                "metadata key `{key}` is {v} ({}), expected {expected}",
+                v.value_type()
+            ),
+        )
     }
 
     /// A present key converted by `conv`; `Error::Missing` when absent, `Malformed` when of another type.
-    fn require<T>(&self, key: &str, conv: impl Fn(&'a Value) -> Option<T>, expected: &str) -> Result<T> {
-        let v = self.get(key).ok_or_else(|| Error::Missing { path: self.path.to_owned(), key: format!("metadata key `{key}`") })?;
+    fn require<T>(
+        &self,
+        key: &str,
+        conv: impl Fn(&'a Value) -> Option<T>,
+        expected: &str,
+    ) -> Result<T> {
+        let v = self.get(key).ok_or_else(|| Error::Missing {
+            path: self.path.to_owned(),
+            key: format!("metadata key `{key}`"),
+        })?;
         conv(v).ok_or_else(|| self.wrong_type(key, v, expected))
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?.ok_or_else(|| Error::Missing { path: self.path.to_owned(), key: format!("metadata key `{key}`") })
+        self.opt_usize(key)?.ok_or_else(|| Error::Missing {
+            path: self.path.to_owned(),
+            key: format!("metadata key `{key}`"),
+        })
     }
 
     /// An unsigned integer key. llama.cpp also accepts a per-layer array for head counts and FFN sizes; one
     /// whose values are all equal is that value, differing values are refused (no Llama model has them).
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        let Some(v) = self.get(key) else { return Ok(None) };
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
         let n = match v {
             Value::Array(a) => {
-                let values = a.to_u64s().filter(|v| !v.is_empty()).ok_or_else(|| self.wrong_type(key, v, "unsigned integers"))?;
+                let values = a
+                    .to_u64s()
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| self.wrong_type(key, v, "unsigned integers"))?;
                 if values.iter().any(|&x| x != values[0]) {
                     return Err(Error::Unsupported {
                         path: self.path.to_owned(),
-                        msg: format!("metadata key `{key}` differs between layers; Tessera needs uniform layers"),
+                        msg: format!(
+                            "metadata key `{key}` differs between layers; Tessera needs uniform layers"
+                        ),
                     });
                 }
                 values[0]
             }
-            _ => v.as_u64().ok_or_else(|| self.wrong_type(key, v, "an unsigned integer"))?,
+            _ => v
+                .as_u64()
+                .ok_or_else(|| self.wrong_type(key, v, "an unsigned integer"))?,
         };
-        usize::try_from(n).map(Some).map_err(|_| self.wrong_type(key, v, "a smaller integer"))
+        usize::try_from(n)
+            .map(Some)
+            .map_err(|_| self.wrong_type(key, v, "a smaller integer"))
     }
 }

@@ -12,7 +12,10 @@ fn fixtures() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     let present = dir.join("gguf/tiny_llama.json").is_file();
     if !present {
-        eprintln!("{} absent: skipping (make them with scripts/gen_fixtures.py)", dir.display());
+        eprintln!(
+            "{} absent: skipping (make them with scripts/gen_fixtures.py)",
+            dir.display()
+        );
     }
     present.then_some(dir)
 }
@@ -81,10 +84,20 @@ fn check_header(f: &GgufFile, expected: &Json, what: &str) {
     if let Some(tensors) = expected["tensors"].as_array() {
         for (t, e) in f.tensors.iter().zip(tensors) {
             assert_eq!(json!(t.desc.name), e["name"], "{what}");
-            assert_eq!(json!(t.desc.ty.id()), e["type_id"], "{what}: {}", t.desc.name);
+            assert_eq!(
+                json!(t.desc.ty.id()),
+                e["type_id"],
+                "{what}: {}",
+                t.desc.name
+            );
             assert_eq!(json!(t.desc.shape), e["shape"], "{what}: {}", t.desc.name);
             assert_eq!(json!(t.size), e["n_bytes"], "{what}: {}", t.desc.name);
-            assert_eq!(json!(t.offset - f.data_offset), e["offset"], "{what}: {}", t.desc.name);
+            assert_eq!(
+                json!(t.offset - f.data_offset),
+                e["offset"],
+                "{what}: {}",
+                t.desc.name
+            );
         }
     }
 }
@@ -102,7 +115,10 @@ fn python_written_files_read_as_gguf_py_reads_them() {
     let (_, q8) = open_file(&dir.join("gguf/tiny_llama_q8_0.gguf"));
     check_header(&q8, &tiny["files"]["q8_0"], "tiny_llama_q8_0");
     let (_, v2) = open_file(&dir.join("gguf/tiny_llama_v2.gguf"));
-    assert_eq!((v2.version, &v2.metadata, &v2.tensors), (2, &f.metadata, &f.tensors));
+    assert_eq!(
+        (v2.version, &v2.metadata, &v2.tensors),
+        (2, &f.metadata, &f.tensors)
+    );
 
     let hp = &tiny["hparams"];
     let c = model_config(&f, src.path()).unwrap();
@@ -128,7 +144,12 @@ fn python_made_splits_pieces_and_llamafiles_match_the_plain_file() {
         assert_eq!(set.tensors.len(), whole.tensors.len(), "{what}");
         for (a, b) in set.tensors.iter().zip(&whole.tensors) {
             assert_eq!(a.desc, b.desc, "{what}");
-            assert_eq!(set.tensor_data(a).unwrap(), whole.tensor_data(b).unwrap(), "{what}: {}", a.desc.name);
+            assert_eq!(
+                set.tensor_data(a).unwrap(),
+                whole.tensor_data(b).unwrap(),
+                "{what}: {}",
+                a.desc.name
+            );
         }
     };
 
@@ -142,19 +163,31 @@ fn python_made_splits_pieces_and_llamafiles_match_the_plain_file() {
         check_header(&piece.file, e, e["file"].as_str().unwrap());
     }
     same_tensors(&set, "gguf-split");
-    assert_eq!(set.model_config().unwrap(), model_config(&whole.pieces[0].file, whole.path()).unwrap());
+    assert_eq!(
+        set.model_config().unwrap(),
+        model_config(&whole.pieces[0].file, whole.path()).unwrap()
+    );
 
     let archives = load_json(&dir.join("llamafile/archives.json"));
     for a in archives["archives"].as_array().unwrap() {
         let path = dir.join("llamafile").join(a["file"].as_str().unwrap());
         let src = ByteSource::open(std::slice::from_ref(&path)).unwrap();
         let (offset, len) = crate::llamafile::locate_gguf(&src, None).unwrap();
-        assert_eq!((json!(offset), json!(len)), (a["gguf_data_offset"].clone(), a["gguf_size"].clone()), "{path:?}");
+        assert_eq!(
+            (json!(offset), json!(len)),
+            (a["gguf_data_offset"].clone(), a["gguf_size"].clone()),
+            "{path:?}"
+        );
         let set = GgufSet::open(&path).unwrap();
         let plain = GgufSet::open(&dir.join(a["gguf_source"].as_str().unwrap())).unwrap();
         assert_eq!(set.metadata(), plain.metadata());
         for (x, y) in set.tensors.iter().zip(&plain.tensors) {
-            assert_eq!(set.tensor_data(x).unwrap(), plain.tensor_data(y).unwrap(), "{path:?}: {}", x.desc.name);
+            assert_eq!(
+                set.tensor_data(x).unwrap(),
+                plain.tensor_data(y).unwrap(),
+                "{path:?}: {}",
+                x.desc.name
+            );
         }
     }
 }
@@ -167,7 +200,10 @@ fn real_smollm2_round_trips_through_the_writer() {
     let cache = std::env::var_os("TESSERA_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/tessera")));
-    let Some(model) = cache.map(|c| c.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")).filter(|p| p.is_file()) else {
+    let Some(model) = cache
+        .map(|c| c.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .filter(|p| p.is_file())
+    else {
         eprintln!("SmolLM2 GGUF not cached: skipping");
         return;
     };
@@ -175,17 +211,38 @@ fn real_smollm2_round_trips_through_the_writer() {
     let set = GgufSet::open(&model).unwrap();
     eprintln!("parsed {} in {:?}", model.display(), t0.elapsed());
     let c = set.model_config().unwrap();
-    assert_eq!((c.n_layer, c.n_embd, c.n_ff, c.n_head, c.n_head_kv, c.head_dim), (30, 576, 1536, 9, 3, 64));
-    assert_eq!((c.n_vocab, c.rope_theta, c.tied_embeddings), (49152, 100000.0, true));
+    assert_eq!(
+        (
+            c.n_layer,
+            c.n_embd,
+            c.n_ff,
+            c.n_head,
+            c.n_head_kv,
+            c.head_dim
+        ),
+        (30, 576, 1536, 9, 3, 64)
+    );
+    assert_eq!(
+        (c.n_vocab, c.rope_theta, c.tied_embeddings),
+        (49152, 100000.0, true)
+    );
 
     let out_path = std::env::var_os("TESSERA_GGUF_COPY").map(PathBuf::from);
     let dir = tempfile::tempdir().unwrap();
     let out_path = out_path.unwrap_or_else(|| dir.path().join("copy.gguf"));
     let descs = set.tensors.iter().map(|t| t.desc.clone()).collect();
     let out = std::io::BufWriter::new(std::fs::File::create(&out_path).unwrap());
-    let mut w = GgufWriter::new(out, &out_path, set.metadata().to_vec(), descs, SHARD_ALIGNMENT).unwrap();
+    let mut w = GgufWriter::new(
+        out,
+        &out_path,
+        set.metadata().to_vec(),
+        descs,
+        SHARD_ALIGNMENT,
+    )
+    .unwrap();
     for t in &set.tensors {
-        w.write_tensor(&t.desc.name, &set.tensor_data(t).unwrap()).unwrap();
+        w.write_tensor(&t.desc.name, &set.tensor_data(t).unwrap())
+            .unwrap();
     }
     w.finish().unwrap();
     let copy = GgufSet::open(&out_path).unwrap();

@@ -34,25 +34,41 @@ const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 4 + 8;
 type What<'w> = &'w dyn Fn() -> String;
 
 pub(super) fn parse(src: &ByteSource) -> Result<GgufFile> {
-    let mut p = Parser { src, path: src.path(), pos: 0, buf: Cow::Borrowed(&[]), buf_start: 0 };
+    let mut p = Parser {
+        src,
+        path: src.path(),
+        pos: 0,
+        buf: Cow::Borrowed(&[]),
+        buf_start: 0,
+    };
     p.magic()?;
     let version = p.version()?;
     let n_tensors = p.u64(&|| "header: tensor count".into())?;
     let n_kv = p.u64(&|| "header: metadata key-value count".into())?;
-    p.check_claim(n_kv, MIN_KV_BYTES, &|| format!("header: metadata key-value count {n_kv}"))?;
-    p.check_claim(n_tensors, MIN_TENSOR_INFO_BYTES, &|| format!("header: tensor count {n_tensors}"))?;
+    p.check_claim(n_kv, MIN_KV_BYTES, &|| {
+        format!("header: metadata key-value count {n_kv}")
+    })?;
+    p.check_claim(n_tensors, MIN_TENSOR_INFO_BYTES, &|| {
+        format!("header: tensor count {n_tensors}")
+    })?;
 
     let mut metadata: Vec<(String, Value)> = Vec::with_capacity(n_kv.min(PREALLOC) as usize);
     let mut keys: HashMap<String, u64> = HashMap::new();
     for i in 0..n_kv {
         let key = p.string(&|| format!("metadata entry #{i}: key"))?;
         if let Some(first) = keys.insert(key.clone(), i) {
-            return Err(p.err(format!("metadata key `{key}` appears twice (entries #{first} and #{i})")));
+            return Err(p.err(format!(
+                "metadata key `{key}` appears twice (entries #{first} and #{i})"
+            )));
         }
         let what = || format!("metadata key `{key}`");
         let ty_id = p.u32(&|| format!("{}: value type", what()))?;
-        let ty = ValueType::from_id(ty_id)
-            .ok_or_else(|| p.err(format!("{}: unknown value type id {ty_id} (valid: 0..=12)", what())))?;
+        let ty = ValueType::from_id(ty_id).ok_or_else(|| {
+            p.err(format!(
+                "{}: unknown value type id {ty_id} (valid: 0..=12)",
+                what()
+            ))
+        })?;
         let value = p.value(ty, 0, &what)?;
         metadata.push((key, value));
     }
@@ -75,7 +91,10 @@ pub(super) fn parse(src: &ByteSource) -> Result<GgufFile> {
     for i in 0..n_tensors {
         let (desc, rel, size) = p.tensor_info(i)?;
         if let Some(first) = names.insert(desc.name.clone(), i) {
-            return Err(p.err(format!("tensor `{}` appears twice (tensor infos #{first} and #{i})", desc.name)));
+            return Err(p.err(format!(
+                "tensor `{}` appears twice (tensor infos #{first} and #{i})",
+                desc.name
+            )));
         }
         if rel % alignment != 0 {
             return Err(p.err(format!(
@@ -86,14 +105,18 @@ pub(super) fn parse(src: &ByteSource) -> Result<GgufFile> {
         infos.push((desc, rel, size));
     }
 
-    let data_offset = p
-        .pos
-        .checked_next_multiple_of(alignment)
-        .ok_or_else(|| p.err(format!("data section: aligning offset {} to {alignment} overflows", p.pos)))?;
+    let data_offset = p.pos.checked_next_multiple_of(alignment).ok_or_else(|| {
+        p.err(format!(
+            "data section: aligning offset {} to {alignment} overflows",
+            p.pos
+        ))
+    })?;
     let len = src.len();
     let mut tensors = Vec::with_capacity(infos.len());
     for (desc, rel, size) in infos {
-        let range = data_offset.checked_add(rel).and_then(|start| Some((start, start.checked_add(size)?)));
+        let range = data_offset
+            .checked_add(rel)
+            .and_then(|start| Some((start, start.checked_add(size)?)));
         match range {
             Some((offset, end)) if end <= len => tensors.push(GgufTensor { desc, offset, size }),
             _ => {
@@ -106,7 +129,13 @@ pub(super) fn parse(src: &ByteSource) -> Result<GgufFile> {
         }
     }
     check_overlaps(&tensors, p.path)?;
-    Ok(GgufFile { version, alignment, metadata, tensors, data_offset })
+    Ok(GgufFile {
+        version,
+        alignment,
+        metadata,
+        tensors,
+        data_offset,
+    })
 }
 
 /// Refuses two tensors whose byte ranges intersect (empty tensors occupy nothing).
@@ -150,7 +179,10 @@ impl<'a> Parser<'a> {
 
     /// Bytes the rest of the header may still occupy.
     fn room(&self) -> u64 {
-        self.src.len().min(MAX_HEADER_BYTES).saturating_sub(self.pos)
+        self.src
+            .len()
+            .min(MAX_HEADER_BYTES)
+            .saturating_sub(self.pos)
     }
 
     /// Refuses `count` items of at least `min_bytes` each when they cannot fit in the rest of the header.
@@ -172,7 +204,11 @@ impl<'a> Parser<'a> {
         let end = match self.pos.checked_add(n) {
             Some(end) if end <= len.min(MAX_HEADER_BYTES) => end,
             _ => {
-                let limit = if len > MAX_HEADER_BYTES { " (GGUF headers are limited to 1 GiB)" } else { "" };
+                let limit = if len > MAX_HEADER_BYTES {
+                    " (GGUF headers are limited to 1 GiB)"
+                } else {
+                    ""
+                };
                 return Err(self.err(format!(
                     "{}: needs {n} bytes at offset {}, but the file ends at {len}{limit}: truncated?",
                     what(),
@@ -215,7 +251,10 @@ impl<'a> Parser<'a> {
             return Err(refusal);
         }
         if head.len() < 4 {
-            return Err(self.err(format!("file is {} bytes, too short for a GGUF header", head.len())));
+            return Err(self.err(format!(
+                "file is {} bytes, too short for a GGUF header",
+                head.len()
+            )));
         }
         Err(self.err(format!(
             "not a GGUF file: it starts with {:?}, expected \"GGUF\"",
@@ -225,7 +264,10 @@ impl<'a> Parser<'a> {
 
     fn version(&mut self) -> Result<u32> {
         let v = self.u32(&|| "header: version".into())?;
-        let unsupported = |msg: String| Error::Unsupported { path: self.path.to_owned(), msg };
+        let unsupported = |msg: String| Error::Unsupported {
+            path: self.path.to_owned(),
+            msg,
+        };
         match v {
             2 | 3 => Ok(v),
             1 => Err(unsupported(
@@ -252,8 +294,15 @@ impl<'a> Parser<'a> {
                 what()
             )));
         }
-        let decoded = std::str::from_utf8(self.take(n, what)?).map(str::to_owned).map_err(|e| e.valid_up_to());
-        decoded.map_err(|at| self.err(format!("{}: string is not valid UTF-8 (at byte {at})", what())))
+        let decoded = std::str::from_utf8(self.take(n, what)?)
+            .map(str::to_owned)
+            .map_err(|e| e.valid_up_to());
+        decoded.map_err(|at| {
+            self.err(format!(
+                "{}: string is not valid UTF-8 (at byte {at})",
+                what()
+            ))
+        })
     }
 
     fn bool(&mut self, what: What) -> Result<bool> {
@@ -285,14 +334,22 @@ impl<'a> Parser<'a> {
     /// Element type, count and elements of an array.
     fn array(&mut self, depth: u32, what: What) -> Result<Array> {
         if depth >= MAX_ARRAY_DEPTH {
-            return Err(self.err(format!("{}: arrays nested more than {MAX_ARRAY_DEPTH} deep", what())));
+            return Err(self.err(format!(
+                "{}: arrays nested more than {MAX_ARRAY_DEPTH} deep",
+                what()
+            )));
         }
         let ty_id = self.u32(&|| format!("{}: array element type", what()))?;
         let ty = ValueType::from_id(ty_id).ok_or_else(|| {
-            self.err(format!("{}: unknown array element type id {ty_id} (valid: 0..=12)", what()))
+            self.err(format!(
+                "{}: unknown array element type id {ty_id} (valid: 0..=12)",
+                what()
+            ))
         })?;
         let n = self.u64(&|| format!("{}: array length", what()))?;
-        self.check_claim(n, ty.min_size(), &|| format!("{}: array of {n} {ty} elements", what()))?;
+        self.check_claim(n, ty.min_size(), &|| {
+            format!("{}: array of {n} {ty} elements", what())
+        })?;
         let elem = |i: u64| move || format!("{}: array element {i}", what());
 
         macro_rules! fixed {
@@ -300,7 +357,10 @@ impl<'a> Parser<'a> {
                 const SIZE: usize = std::mem::size_of::<$t>();
                 let bytes = self.take(n * SIZE as u64, what)?;
                 Array::$variant(
-                    bytes.chunks_exact(SIZE).map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or_default())).collect(),
+                    bytes
+                        .chunks_exact(SIZE)
+                        .map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or_default()))
+                        .collect(),
                 )
             }};
         }
@@ -347,35 +407,65 @@ impl<'a> Parser<'a> {
         let what = || format!("tensor `{name}`");
         let n_dims = self.u32(&|| format!("{}: number of dimensions", what()))?;
         if n_dims as usize > MAX_DIMS {
-            return Err(self.err(format!("{}: {n_dims} dimensions, at most {MAX_DIMS} allowed", what())));
+            return Err(self.err(format!(
+                "{}: {n_dims} dimensions, at most {MAX_DIMS} allowed",
+                what()
+            )));
         }
         let mut shape = Vec::with_capacity(n_dims as usize);
         for d in 0..n_dims {
             let ne = self.u64(&|| format!("{}: dimension {d}", what()))?;
             if ne > i64::MAX as u64 {
-                return Err(self.err(format!("{}: dimension {d} is {ne}, more than int64 max", what())));
+                return Err(self.err(format!(
+                    "{}: dimension {d} is {ne}, more than int64 max",
+                    what()
+                )));
             }
             shape.push(ne);
         }
         let ty_id = self.u32(&|| format!("{}: type", what()))?;
-        let ty = GgmlType::from_id(ty_id)
-            .map_err(|source| Error::Tensor { path: self.path.to_owned(), tensor: name.clone(), source })?;
+        let ty = GgmlType::from_id(ty_id).map_err(|source| Error::Tensor {
+            path: self.path.to_owned(),
+            tensor: name.clone(),
+            source,
+        })?;
         let rel = self.u64(&|| format!("{}: data offset", what()))?;
 
-        let overflow = || self.err(format!("{}: shape {shape:?} of type {} is too large", what(), ty.name()));
-        let n_elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).ok_or_else(overflow)?;
-        if n_elements > i64::MAX as u64 {
+        let overflow = || {
+            self.err(format!(
+                "{}: shape {shape:?} of type {} is too large",
+                what(),
+                ty.name()
+            ))
+        };
+        // The product of all dimensions, zeros counted as ones, fits in an int64: then no partial product
+        // (elements, rows, `TensorDesc::n_rows`) can overflow, even for an empty tensor like [0, 2^40, 2^40].
+        let bound = shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d.max(1)))
+            .ok_or_else(overflow)?;
+        if bound > i64::MAX as u64 {
             return Err(overflow());
         }
         let ne0 = shape.first().copied().unwrap_or(1);
         let block = ty.block_size() as u64;
         if ne0 % block != 0 {
-            let source = QuantError::NotBlockAligned { ty, block: block as usize, n: ne0 as usize };
-            return Err(Error::Tensor { path: self.path.to_owned(), tensor: name, source });
+            let source = QuantError::NotBlockAligned {
+                ty,
+                block: block as usize,
+                n: ne0 as usize,
+            };
+            return Err(Error::Tensor {
+                path: self.path.to_owned(),
+                tensor: name,
+                source,
+            });
         }
         let rows: u64 = shape.iter().skip(1).product();
-        let size =
-            (ne0 / block).checked_mul(ty.type_size() as u64).and_then(|r| r.checked_mul(rows)).ok_or_else(overflow)?;
+        let size = (ne0 / block)
+            .checked_mul(ty.type_size() as u64)
+            .and_then(|r| r.checked_mul(rows))
+            .ok_or_else(overflow)?;
         Ok((TensorDesc::new(name, ty, shape), rel, size))
     }
 }

@@ -30,7 +30,11 @@ pub struct GgufPiece {
 impl std::fmt::Debug for GgufPiece {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let paths: Vec<&Path> = self.source.paths().collect();
-        f.debug_struct("GgufPiece").field("paths", &paths).field("len", &self.source.len()).field("file", &self.file).finish()
+        f.debug_struct("GgufPiece")
+            .field("paths", &paths)
+            .field("len", &self.source.len())
+            .field("file", &self.file)
+            .finish()
     }
 }
 
@@ -65,12 +69,17 @@ impl GgufSet {
         if let Some(paths) = split_paths(path)? {
             return GgufSet::open_paths(&paths);
         }
-        GgufSet::from_sources(vec![unwrap_container(ByteSource::open(&[path.to_owned()])?)?])
+        GgufSet::from_sources(vec![unwrap_container(ByteSource::open(&[
+            path.to_owned()
+        ])?)?])
     }
 
     /// Opens every piece of a gguf-split set given explicitly (in any order; sorted by `split.no`).
     pub fn open_paths(paths: &[PathBuf]) -> Result<GgufSet> {
-        let sources = paths.iter().map(|p| ByteSource::open(std::slice::from_ref(p))).collect::<Result<_>>()?;
+        let sources = paths
+            .iter()
+            .map(|p| ByteSource::open(std::slice::from_ref(p)))
+            .collect::<Result<_>>()?;
         GgufSet::from_sources(sources)
     }
 
@@ -97,7 +106,10 @@ impl GgufSet {
             None => {
                 return Err(Error::malformed(
                     &first_path,
-                    format!("{} files given, but this one has no `{KEY_SPLIT_COUNT}`: not a gguf-split set", pieces.len()),
+                    format!(
+                        "{} files given, but this one has no `{KEY_SPLIT_COUNT}`: not a gguf-split set",
+                        pieces.len()
+                    ),
                 ));
             }
             Some(count) => {
@@ -109,11 +121,17 @@ impl GgufSet {
                     if this_count != Some(count) {
                         return Err(Error::malformed(
                             &path,
-                            format!("`{KEY_SPLIT_COUNT}` is {this_count:?}, but {} says {count}", first_path.display()),
+                            format!(
+                                "`{KEY_SPLIT_COUNT}` is {this_count:?}, but {} says {count}",
+                                first_path.display()
+                            ),
                         ));
                     }
                     if no >= count {
-                        return Err(Error::malformed(&path, format!("`{KEY_SPLIT_NO}` {no} ≥ `{KEY_SPLIT_COUNT}` {count}")));
+                        return Err(Error::malformed(
+                            &path,
+                            format!("`{KEY_SPLIT_NO}` {no} ≥ `{KEY_SPLIT_COUNT}` {count}"),
+                        ));
                     }
                     numbered.push((no, piece));
                 }
@@ -122,7 +140,9 @@ impl GgufSet {
                     if *no < i as u64 {
                         return Err(Error::malformed(
                             piece.source.path(),
-                            format!("`{KEY_SPLIT_NO}` {no} is also the number of another piece given"),
+                            format!(
+                                "`{KEY_SPLIT_NO}` {no} is also the number of another piece given"
+                            ),
                         ));
                     }
                     if *no > i as u64 {
@@ -135,7 +155,10 @@ impl GgufSet {
                 if numbered.len() as u64 != count {
                     return Err(Error::Missing {
                         path: first_path,
-                        key: format!("split pieces {}..={count} of the gguf-split set", numbered.len() + 1),
+                        key: format!(
+                            "split pieces {}..={count} of the gguf-split set",
+                            numbered.len() + 1
+                        ),
                     });
                 }
                 pieces = numbered.into_iter().map(|(_, p)| p).collect();
@@ -149,10 +172,19 @@ impl GgufSet {
                 if let Some(other) = seen.insert(&desc.name, i) {
                     return Err(Error::malformed(
                         piece.source.path(),
-                        format!("tensor `{}` is also in {}", desc.name, pieces[other].source.path().display()),
+                        format!(
+                            "tensor `{}` is also in {}",
+                            desc.name,
+                            pieces[other].source.path().display()
+                        ),
                     ));
                 }
-                tensors.push(SetTensor { desc: desc.clone(), piece: i, offset: *offset, size: *size });
+                tensors.push(SetTensor {
+                    desc: desc.clone(),
+                    piece: i,
+                    offset: *offset,
+                    size: *size,
+                });
             }
         }
         if let Some(expected) = split_key(&pieces[0], KEY_SPLIT_TENSORS_COUNT)?
@@ -160,7 +192,10 @@ impl GgufSet {
         {
             return Err(Error::malformed(
                 pieces[0].source.path(),
-                format!("`{KEY_SPLIT_TENSORS_COUNT}` is {expected}, but the pieces hold {} tensors", tensors.len()),
+                format!(
+                    "`{KEY_SPLIT_TENSORS_COUNT}` is {expected}, but the pieces hold {} tensors",
+                    tensors.len()
+                ),
             ));
         }
         Ok(GgufSet { pieces, tensors })
@@ -196,7 +231,11 @@ impl GgufSet {
 
     /// The model's hyperparameters (first piece's metadata; tensors of all pieces).
     pub fn model_config(&self) -> Result<ModelConfig> {
-        super::model_config_from(self.metadata(), self.tensors.iter().map(|t| &t.desc), self.path())
+        super::model_config_from(
+            self.metadata(),
+            self.tensors.iter().map(|t| &t.desc),
+            self.path(),
+        )
     }
 }
 
@@ -205,7 +244,13 @@ fn split_key(piece: &GgufPiece, key: &str) -> Result<Option<u64>> {
     match piece.file.get(key) {
         None => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            Error::malformed(piece.source.path(), format!("`{key}` is {v} ({}), expected an unsigned integer", v.value_type()))
+            Error::malformed(
+                piece.source.path(),
+                format!(
+                    "`{key}` is {v} ({}), expected an unsigned integer",
+                    v.value_type()
+                ),
+            )
         }),
     }
 }
@@ -244,18 +289,28 @@ fn parse_split_name(name: &str) -> Option<(&str, u64, u64)> {
 /// All pieces of the gguf-split set that `path` belongs to, in order, when its name follows the
 /// `-00001-of-00003.gguf` pattern; `None` otherwise. A missing piece is an error naming it.
 pub fn split_paths(path: &Path) -> Result<Option<Vec<PathBuf>>> {
-    let Some((prefix, _, count)) = path.file_name().and_then(|n| n.to_str()).and_then(parse_split_name) else {
+    let Some((prefix, _, count)) = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(parse_split_name)
+    else {
         return Ok(None);
     };
     if count > 99_999 {
-        return Err(Error::malformed(path, format!("gguf-split name claims {count} pieces")));
+        return Err(Error::malformed(
+            path,
+            format!("gguf-split name claims {count} pieces"),
+        ));
     }
     let dir = path.parent().unwrap_or(Path::new(""));
     let mut paths = Vec::with_capacity(count as usize);
     for no in 1..=count {
         let p = dir.join(format!("{prefix}-{no:05}-of-{count:05}.gguf"));
         if !p.is_file() {
-            return Err(Error::Missing { path: path.to_owned(), key: format!("split piece {}", p.display()) });
+            return Err(Error::Missing {
+                path: path.to_owned(),
+                key: format!("split piece {}", p.display()),
+            });
         }
         paths.push(p);
     }
@@ -266,16 +321,26 @@ pub fn split_paths(path: &Path) -> Result<Option<Vec<PathBuf>>> {
 /// `model.gguf.cat0` or `model.cat0.llamafile`) of the set `path` belongs to, in order from `cat0`, when its
 /// name has that form; `None` otherwise. Pieces are read in order as one file.
 pub fn byte_split_pieces(path: &Path) -> Result<Option<Vec<PathBuf>>> {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return Ok(None) };
-    let Some((before, after)) = cat_parts(name) else { return Ok(None) };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return Ok(None);
+    };
+    let Some((before, after)) = cat_parts(name) else {
+        return Ok(None);
+    };
     let dir = path.parent().unwrap_or(Path::new(""));
     let piece = |i: usize| dir.join(format!("{before}.cat{i}{after}"));
     if !piece(0).is_file() {
-        return Err(Error::Missing { path: path.to_owned(), key: format!("first byte-split piece {}", piece(0).display()) });
+        return Err(Error::Missing {
+            path: path.to_owned(),
+            key: format!("first byte-split piece {}", piece(0).display()),
+        });
     }
     let pieces: Vec<PathBuf> = (0..).map(piece).take_while(|p| p.is_file()).collect();
     if !pieces.iter().any(|p| p == path) && path.is_file() {
-        return Err(Error::malformed(path, "byte-split pieces must be numbered .cat0, .cat1, … without gaps"));
+        return Err(Error::malformed(
+            path,
+            "byte-split pieces must be numbered .cat0, .cat1, … without gaps",
+        ));
     }
     Ok(Some(pieces))
 }
@@ -286,7 +351,8 @@ fn cat_parts(name: &str) -> Option<(&str, &str)> {
     let rest = &name[at + 4..];
     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
     let after = &rest[digits..];
-    (digits > 0 && (after.is_empty() || after.starts_with('.')) && at > 0).then(|| (&name[..at], after))
+    (digits > 0 && (after.is_empty() || after.starts_with('.')) && at > 0)
+        .then(|| (&name[..at], after))
 }
 
 #[cfg(test)]
@@ -296,12 +362,18 @@ mod tests {
     #[test]
     fn split_names() {
         assert_eq!(parse_split_name("m-00002-of-00003.gguf"), Some(("m", 2, 3)));
-        assert_eq!(parse_split_name("a-b-00001-of-00001.gguf"), Some(("a-b", 1, 1)));
+        assert_eq!(
+            parse_split_name("a-b-00001-of-00001.gguf"),
+            Some(("a-b", 1, 1))
+        );
         assert_eq!(parse_split_name("m-00004-of-00003.gguf"), None);
         assert_eq!(parse_split_name("m-0001-of-0003.gguf"), None);
         assert_eq!(parse_split_name("m.gguf"), None);
         assert_eq!(cat_parts("x.gguf.cat0"), Some(("x.gguf", "")));
-        assert_eq!(cat_parts("x.Q2_K.cat12.llamafile"), Some(("x.Q2_K", ".llamafile")));
+        assert_eq!(
+            cat_parts("x.Q2_K.cat12.llamafile"),
+            Some(("x.Q2_K", ".llamafile"))
+        );
         assert_eq!(cat_parts("x.category"), None);
         assert_eq!(cat_parts("x.gguf"), None);
     }

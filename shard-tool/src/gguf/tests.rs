@@ -32,7 +32,13 @@ struct Raw {
 
 impl Raw {
     fn new() -> Self {
-        Raw { version: 3, kvs: vec![], tensors: vec![], data_len: 0, alignment: 32 }
+        Raw {
+            version: 3,
+            kvs: vec![],
+            tensors: vec![],
+            data_len: 0,
+            alignment: 32,
+        }
     }
     fn kv(mut self, key: &str, v: Value) -> Self {
         let mut b = Vec::new();
@@ -65,11 +71,16 @@ impl Raw {
         for (name, shape, ty, off) in &self.tensors {
             value::encode_str(&mut b, name);
             b.extend_from_slice(&(shape.len() as u32).to_le_bytes());
-            shape.iter().for_each(|d| b.extend_from_slice(&d.to_le_bytes()));
+            shape
+                .iter()
+                .for_each(|d| b.extend_from_slice(&d.to_le_bytes()));
             b.extend_from_slice(&ty.to_le_bytes());
             b.extend_from_slice(&off.to_le_bytes());
         }
-        b.resize(b.len().next_multiple_of(self.alignment) + self.data_len, 0xAB);
+        b.resize(
+            b.len().next_multiple_of(self.alignment) + self.data_len,
+            0xAB,
+        );
         b
     }
 }
@@ -97,12 +108,21 @@ fn every_value_type() -> Vec<(String, Value)> {
         ("a.i16".into(), Array::I16(vec![-2, 3]).into()),
         ("a.u32".into(), Array::U32(vec![7, 8, 9]).into()),
         ("a.i32".into(), Array::I32(vec![1, 2, 3, -6]).into()),
-        ("a.f32".into(), Array::F32(vec![0.5, -1.0, f32::INFINITY]).into()),
+        (
+            "a.f32".into(),
+            Array::F32(vec![0.5, -1.0, f32::INFINITY]).into(),
+        ),
         ("a.bool".into(), Array::Bool(vec![true, false, true]).into()),
-        ("a.string".into(), Array::String(strs(&["Ġthe", "", "<|eot_id|>"])).into()),
+        (
+            "a.string".into(),
+            Array::String(strs(&["Ġthe", "", "<|eot_id|>"])).into(),
+        ),
         ("a.u64".into(), Array::U64(vec![u64::MAX, 0]).into()),
         ("a.i64".into(), Array::I64(vec![i64::MIN]).into()),
-        ("a.f64".into(), Array::F64(vec![std::f64::consts::PI]).into()),
+        (
+            "a.f64".into(),
+            Array::F64(vec![std::f64::consts::PI]).into(),
+        ),
         ("a.empty".into(), Array::F32(vec![]).into()),
         (
             "a.nested".into(),
@@ -133,7 +153,11 @@ fn sample_tensors() -> Vec<(TensorDesc, Vec<u8>)> {
     ]
 }
 
-fn write_gguf(metadata: Vec<(String, Value)>, tensors: &[(TensorDesc, Vec<u8>)], alignment: u64) -> Vec<u8> {
+fn write_gguf(
+    metadata: Vec<(String, Value)>,
+    tensors: &[(TensorDesc, Vec<u8>)],
+    alignment: u64,
+) -> Vec<u8> {
     let descs = tensors.iter().map(|(d, _)| d.clone()).collect();
     let mut w = GgufWriter::new(Vec::new(), "<test>", metadata, descs, alignment).unwrap();
     for (d, bytes) in tensors {
@@ -172,11 +196,17 @@ fn roundtrip_every_value_type_and_tensor() {
     assert_eq!(f.get("t.i8").unwrap().as_u64(), None);
     assert_eq!(f.get("t.i8").unwrap().as_i64(), Some(-100));
     assert_eq!(f.get("t.f64").unwrap().as_f32(), Some(-0.125));
-    assert_eq!(f.get("t.string").unwrap().as_str(), Some("héllo ✓ {{ chat }}"));
+    assert_eq!(
+        f.get("t.string").unwrap().as_str(),
+        Some("héllo ✓ {{ chat }}")
+    );
     let tokens = f.get("a.string").unwrap().as_array().unwrap();
     assert_eq!(tokens.as_strings().unwrap()[2], "<|eot_id|>");
     assert_eq!(tokens.len(), 3);
-    assert_eq!(f.get("a.u32").unwrap().as_array().unwrap().to_u64s(), Some(vec![7, 8, 9]));
+    assert_eq!(
+        f.get("a.u32").unwrap().as_array().unwrap().to_u64s(),
+        Some(vec![7, 8, 9])
+    );
     assert!(f.tensor("blk.0.attn_q.weight").is_some() && f.tensor("nope").is_none());
 }
 
@@ -189,7 +219,12 @@ fn version_2_reads_like_3_and_others_are_refused() {
     let v3 = parse(&bytes).unwrap();
     assert_eq!(v2.version, 2);
     assert_eq!((v2.metadata, v2.tensors), (v3.metadata, v3.tensors));
-    for (version, needle) in [(1u32, "version 1"), (0x0300_0000, "big-endian"), (4, "version 4"), (0, "version is 0")] {
+    for (version, needle) in [
+        (1u32, "version 1"),
+        (0x0300_0000, "big-endian"),
+        (4, "version 4"),
+        (0, "version is 0"),
+    ] {
         bytes[4..8].copy_from_slice(&version.to_le_bytes());
         let err = parse_err(&bytes);
         assert!(err.contains(needle), "{err}");
@@ -213,7 +248,10 @@ fn wrong_magic_and_refused_formats() {
     assert!(parse_err(b"").contains("too short"));
     assert!(parse_err(b"GGML\x03\0\0\0").contains("not a GGUF file"));
     let err = parse(b"\x80\x02}q\0").unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }) && err.to_string().contains("pickle"), "{err}");
+    assert!(
+        matches!(err, Error::Unsupported { .. }) && err.to_string().contains("pickle"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -227,19 +265,35 @@ fn absurd_counts_and_lengths_are_refused_without_allocating() {
 
     let long_string = (1u64 << 40).to_le_bytes();
     let err = parse_err(&Raw::new().kv_raw("general.name", 8, &long_string).bytes());
-    assert!(err.contains("general.name") && err.contains("string length 1099511627776"), "{err}");
+    assert!(
+        err.contains("general.name") && err.contains("string length 1099511627776"),
+        "{err}"
+    );
     let mut huge_array = 8u32.to_le_bytes().to_vec();
     huge_array.extend_from_slice(&u64::MAX.to_le_bytes());
-    let err = parse_err(&Raw::new().kv_raw("tokenizer.ggml.tokens", 9, &huge_array).bytes());
-    assert!(err.contains("tokenizer.ggml.tokens") && err.contains("array of"), "{err}");
+    let err = parse_err(
+        &Raw::new()
+            .kv_raw("tokenizer.ggml.tokens", 9, &huge_array)
+            .bytes(),
+    );
+    assert!(
+        err.contains("tokenizer.ggml.tokens") && err.contains("array of"),
+        "{err}"
+    );
     let mut key_len = Raw::new().bytes();
     key_len.truncate(24);
     key_len[16] = 1;
     key_len.extend_from_slice(&u64::MAX.to_le_bytes());
     key_len.extend_from_slice(&[0; 64]);
     assert!(parse_err(&key_len).contains("metadata entry #0: key"));
-    let big_dims = Raw::new().tensor("w", &[1 << 40, 1 << 40], 0, 0).data(64).bytes();
+    let big_dims = Raw::new()
+        .tensor("w", &[1 << 40, 1 << 40], 0, 0)
+        .data(64)
+        .bytes();
     assert!(parse_err(&big_dims).contains("too large"));
+    // Empty, but the other dimensions multiply past 2^64 (found by fuzzing).
+    let empty_big = Raw::new().tensor("w", &[0, 1 << 40, 1 << 40], 0, 0).bytes();
+    assert!(parse_err(&empty_big).contains("too large"));
     let neg_dim = Raw::new().tensor("w", &[u64::MAX], 0, 0).bytes();
     assert!(parse_err(&neg_dim).contains("int64"));
 }
@@ -247,7 +301,10 @@ fn absurd_counts_and_lengths_are_refused_without_allocating() {
 #[test]
 fn malformed_values() {
     let err = parse_err(&Raw::new().kv_raw("k", 13, &[0]).bytes());
-    assert!(err.contains("`k`") && err.contains("unknown value type id 13"), "{err}");
+    assert!(
+        err.contains("`k`") && err.contains("unknown value type id 13"),
+        "{err}"
+    );
     assert!(parse_err(&Raw::new().kv_raw("k", 7, &[2]).bytes()).contains("bool byte"));
     let mut bad_utf8 = 2u64.to_le_bytes().to_vec();
     bad_utf8.extend_from_slice(&[0xff, 0xfe]);
@@ -258,49 +315,102 @@ fn malformed_values() {
         deep.extend_from_slice(&1u64.to_le_bytes());
     }
     assert!(parse_err(&Raw::new().kv_raw("deep", 9, &deep).bytes()).contains("nested"));
-    let dup = Raw::new().kv("a", Value::U8(1)).kv("a", Value::U8(2)).bytes();
+    let dup = Raw::new()
+        .kv("a", Value::U8(1))
+        .kv("a", Value::U8(2))
+        .bytes();
     assert!(parse_err(&dup).contains("`a` appears twice"));
 }
 
 #[test]
 fn alignment_must_be_a_power_of_two() {
-    for bad in [Value::U32(0), Value::U32(48), Value::from("32"), Value::I32(-32)] {
+    for bad in [
+        Value::U32(0),
+        Value::U32(48),
+        Value::from("32"),
+        Value::I32(-32),
+    ] {
         let err = parse_err(&Raw::new().kv(KEY_ALIGNMENT, bad).bytes());
         assert!(err.contains("general.alignment"), "{err}");
     }
-    let mut raw = Raw::new().kv(KEY_ALIGNMENT, Value::U32(64)).tensor("w", &[16], 0, 0).data(64);
+    let mut raw = Raw::new()
+        .kv(KEY_ALIGNMENT, Value::U32(64))
+        .tensor("w", &[16], 0, 0)
+        .data(64);
     raw.alignment = 64;
     let f = parse(&raw.bytes()).unwrap();
     assert_eq!((f.alignment, f.data_offset % 64), (64, 0));
     let err = parse_err(&Raw::new().tensor("w", &[8], 0, 16).data(64).bytes());
-    assert!(err.contains("`w`") && err.contains("not a multiple of the alignment 32"), "{err}");
+    assert!(
+        err.contains("`w`") && err.contains("not a multiple of the alignment 32"),
+        "{err}"
+    );
 }
 
 #[test]
 fn tensor_infos_are_validated() {
     // Unsupported type: IQ2_XXS (id 16), named with the tensor.
-    let err = parse(&Raw::new().tensor("blk.0.ffn_up.weight", &[256], 16, 0).data(256).bytes()).unwrap_err();
+    let err = parse(
+        &Raw::new()
+            .tensor("blk.0.ffn_up.weight", &[256], 16, 0)
+            .data(256)
+            .bytes(),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::Tensor { .. }));
     let msg = err.to_string();
-    assert!(msg.contains("blk.0.ffn_up.weight") && msg.contains("IQ2_XXS"), "{msg}");
+    assert!(
+        msg.contains("blk.0.ffn_up.weight") && msg.contains("IQ2_XXS"),
+        "{msg}"
+    );
     // Rows not a whole number of blocks.
     let err = parse(&Raw::new().tensor("q", &[30, 2], 2, 0).data(64).bytes()).unwrap_err();
-    assert!(matches!(err, Error::Tensor { .. }) && err.to_string().contains("`q`"), "{err}");
+    assert!(
+        matches!(err, Error::Tensor { .. }) && err.to_string().contains("`q`"),
+        "{err}"
+    );
     // Past the end of the file.
     let err = parse_err(&Raw::new().tensor("w", &[16], 0, 0).data(63).bytes());
     assert!(err.contains("`w`") && err.contains("past the end"), "{err}");
-    let err = parse_err(&Raw::new().tensor("w", &[16], 0, u64::MAX - 31).data(64).bytes());
+    let err = parse_err(
+        &Raw::new()
+            .tensor("w", &[16], 0, u64::MAX - 31)
+            .data(64)
+            .bytes(),
+    );
     assert!(err.contains("`w`"), "{err}");
     // Overlapping tensors (empty ones may sit anywhere).
-    let overlap = Raw::new().tensor("a", &[16], 0, 0).tensor("b", &[8], 0, 32).tensor("z", &[0], 0, 32).data(96);
+    let overlap = Raw::new()
+        .tensor("a", &[16], 0, 0)
+        .tensor("b", &[8], 0, 32)
+        .tensor("z", &[0], 0, 32)
+        .data(96);
     let err = parse_err(&overlap.bytes());
-    assert!(err.contains("`a`") && err.contains("`b`") && err.contains("overlap"), "{err}");
-    let ok = Raw::new().tensor("a", &[8], 0, 0).tensor("b", &[8], 0, 32).tensor("z", &[0], 0, 32).data(96);
+    assert!(
+        err.contains("`a`") && err.contains("`b`") && err.contains("overlap"),
+        "{err}"
+    );
+    let ok = Raw::new()
+        .tensor("a", &[8], 0, 0)
+        .tensor("b", &[8], 0, 32)
+        .tensor("z", &[0], 0, 32)
+        .data(96);
     assert_eq!(parse(&ok.bytes()).unwrap().tensors.len(), 3);
     // Duplicates and dimensions.
-    let err = parse_err(&Raw::new().tensor("a", &[8], 0, 0).tensor("a", &[8], 0, 32).data(64).bytes());
+    let err = parse_err(
+        &Raw::new()
+            .tensor("a", &[8], 0, 0)
+            .tensor("a", &[8], 0, 32)
+            .data(64)
+            .bytes(),
+    );
     assert!(err.contains("`a` appears twice"), "{err}");
-    let err = parse_err(&Raw::new().tensor("a", &[1, 1, 1, 1, 1], 0, 0).data(32).bytes());
+    let err = parse_err(
+        &Raw::new()
+            .tensor("a", &[1, 1, 1, 1, 1], 0, 0)
+            .data(32)
+            .bytes(),
+    );
     assert!(err.contains("5 dimensions"), "{err}");
 }
 
@@ -309,16 +419,33 @@ fn writer_checks_order_sizes_and_completeness() {
     let tensors = sample_tensors();
     let descs: Vec<TensorDesc> = tensors.iter().map(|(d, _)| d.clone()).collect();
     let mut w = GgufWriter::new(Vec::new(), "out.gguf", vec![], descs.clone(), 64).unwrap();
-    assert!(w.write_tensor("blk.0.attn_norm.weight", &tensors[1].1).unwrap_err().to_string().contains("expected tensor `token_embd.weight`"));
-    assert!(w.write_tensor("token_embd.weight", &[0; 3]).unwrap_err().to_string().contains("3 bytes given"));
+    assert!(
+        w.write_tensor("blk.0.attn_norm.weight", &tensors[1].1)
+            .unwrap_err()
+            .to_string()
+            .contains("expected tensor `token_embd.weight`")
+    );
+    assert!(
+        w.write_tensor("token_embd.weight", &[0; 3])
+            .unwrap_err()
+            .to_string()
+            .contains("3 bytes given")
+    );
     let mut w = GgufWriter::new(Vec::new(), "out.gguf", vec![], descs.clone(), 64).unwrap();
     let (first, rest) = tensors[0].1.split_at(100);
-    w.write_tensor_parts("token_embd.weight", [first, rest]).unwrap();
+    w.write_tensor_parts("token_embd.weight", [first, rest])
+        .unwrap();
     let err = w.finish().unwrap_err().to_string();
-    assert!(err.contains("out.gguf") && err.contains("`blk.0.attn_norm.weight` and 4 more not written"), "{err}");
+    assert!(
+        err.contains("out.gguf") && err.contains("`blk.0.attn_norm.weight` and 4 more not written"),
+        "{err}"
+    );
     assert!(GgufWriter::new(Vec::new(), "o", vec![], descs, 48).is_err());
     let bad = vec![TensorDesc::new("q", GgmlType::Q4_K, vec![100])];
-    assert!(matches!(GgufWriter::new(Vec::new(), "o", vec![], bad, 32), Err(Error::Tensor { .. })));
+    assert!(matches!(
+        GgufWriter::new(Vec::new(), "o", vec![], bad, 32),
+        Err(Error::Tensor { .. })
+    ));
 }
 
 fn tmp_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
@@ -338,7 +465,9 @@ fn byte_split_pieces_read_like_the_whole_file() {
     for (i, w) in cuts.windows(2).enumerate() {
         tmp_file(dir.path(), &format!("m.gguf.cat{i}"), &bytes[w[0]..w[1]]);
     }
-    let pieces = byte_split_pieces(&dir.path().join("m.gguf.cat2")).unwrap().unwrap();
+    let pieces = byte_split_pieces(&dir.path().join("m.gguf.cat2"))
+        .unwrap()
+        .unwrap();
     assert_eq!(pieces.len(), 4);
     let split = GgufSet::open(&pieces[0]).unwrap();
     assert_eq!(split.pieces[0].source.piece_count(), 4);
@@ -347,8 +476,14 @@ fn byte_split_pieces_read_like_the_whole_file() {
     for (a, b) in split.tensors.iter().zip(&whole.tensors) {
         assert_eq!(split.tensor_data(a).unwrap(), whole.tensor_data(b).unwrap());
     }
-    assert!(byte_split_pieces(&dir.path().join("m.gguf")).unwrap().is_none());
-    let err = byte_split_pieces(&dir.path().join("x.gguf.cat1")).unwrap_err().to_string();
+    assert!(
+        byte_split_pieces(&dir.path().join("m.gguf"))
+            .unwrap()
+            .is_none()
+    );
+    let err = byte_split_pieces(&dir.path().join("x.gguf.cat1"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("x.gguf.cat0"), "{err}");
 }
 
@@ -363,7 +498,11 @@ fn gguf_split_sets_merge_and_name_missing_pieces() {
             md.push(("split.no".into(), Value::U16(i as u16)));
             md.push(("split.count".into(), Value::U16(3)));
             md.push(("split.tensors.count".into(), Value::I32(total as i32)));
-            tmp_file(dir.path(), &format!("m-{:05}-of-00003.gguf", i + 1), &write_gguf(md, group, 32));
+            tmp_file(
+                dir.path(),
+                &format!("m-{:05}-of-00003.gguf", i + 1),
+                &write_gguf(md, group, 32),
+            );
         }
     };
     write_set(tensors.len());
@@ -377,16 +516,27 @@ fn gguf_split_sets_merge_and_name_missing_pieces() {
     assert_eq!(down.piece, 2);
     assert_eq!(&*set.tensor_data(down).unwrap(), &tensors[3].1[..]);
     // Given out of order: sorted by split.no.
-    let paths: Vec<PathBuf> = [3, 1, 2].iter().map(|i| dir.path().join(format!("m-{i:05}-of-00003.gguf"))).collect();
+    let paths: Vec<PathBuf> = [3, 1, 2]
+        .iter()
+        .map(|i| dir.path().join(format!("m-{i:05}-of-00003.gguf")))
+        .collect();
     assert_eq!(GgufSet::open_paths(&paths).unwrap().tensors, set.tensors);
     let err = GgufSet::open_paths(&paths[1..]).unwrap_err().to_string();
     assert!(err.contains("split piece"), "{err}");
 
     write_set(99);
-    assert!(GgufSet::open(&paths[1]).unwrap_err().to_string().contains("split.tensors.count"));
+    assert!(
+        GgufSet::open(&paths[1])
+            .unwrap_err()
+            .to_string()
+            .contains("split.tensors.count")
+    );
     fs::remove_file(&paths[0]).unwrap();
     let err = GgufSet::open(&paths[1]).unwrap_err();
-    assert!(matches!(err, Error::Missing { .. }) && err.to_string().contains("m-00003-of-00003.gguf"), "{err}");
+    assert!(
+        matches!(err, Error::Missing { .. }) && err.to_string().contains("m-00003-of-00003.gguf"),
+        "{err}"
+    );
 }
 
 fn llama_metadata() -> Vec<(String, Value)> {
@@ -401,7 +551,10 @@ fn llama_metadata() -> Vec<(String, Value)> {
         ("llama.attention.head_count".into(), Value::U32(9)),
         ("llama.attention.head_count_kv".into(), Value::U32(3)),
         ("llama.rope.freq_base".into(), Value::F32(100000.0)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(1e-5),
+        ),
         ("tokenizer.ggml.tokens".into(), Array::String(tokens).into()),
     ]
 }
@@ -411,44 +564,102 @@ fn model_config_reads_llama_keys_with_defaults() {
     let path = Path::new("m.gguf");
     let embd = TensorDesc::new("token_embd.weight", GgmlType::Q8_0, vec![576, 100]);
     let c = model_config_from(&llama_metadata(), [&embd], path).unwrap();
-    assert_eq!((c.n_vocab, c.n_embd, c.n_layer, c.n_head, c.n_head_kv), (100, 576, 30, 9, 3));
-    assert_eq!((c.head_dim, c.rope_dim, c.n_ff, c.n_ctx_train), (64, 64, 1536, 8192));
-    assert_eq!((c.rope_theta, c.rms_eps, c.tied_embeddings), (100000.0, 1e-5, true));
+    assert_eq!(
+        (c.n_vocab, c.n_embd, c.n_layer, c.n_head, c.n_head_kv),
+        (100, 576, 30, 9, 3)
+    );
+    assert_eq!(
+        (c.head_dim, c.rope_dim, c.n_ff, c.n_ctx_train),
+        (64, 64, 1536, 8192)
+    );
+    assert_eq!(
+        (c.rope_theta, c.rms_eps, c.tied_embeddings),
+        (100000.0, 1e-5, true)
+    );
     assert_eq!(c.name.as_deref(), Some("SmolLM2 135M"));
     let output = TensorDesc::new("output.weight", GgmlType::Q8_0, vec![576, 100]);
-    assert!(!model_config_from(&llama_metadata(), [&embd, &output], path).unwrap().tied_embeddings);
+    assert!(
+        !model_config_from(&llama_metadata(), [&embd, &output], path)
+            .unwrap()
+            .tied_embeddings
+    );
 
-    let without = |key: &str| llama_metadata().into_iter().filter(|(k, _)| k != key).collect::<Vec<_>>();
+    let without = |key: &str| {
+        llama_metadata()
+            .into_iter()
+            .filter(|(k, _)| k != key)
+            .collect::<Vec<_>>()
+    };
     let c = model_config_from(&without("llama.attention.head_count_kv"), [], path).unwrap();
     assert_eq!(c.n_head_kv, 9);
-    assert_eq!(model_config_from(&without("llama.rope.freq_base"), [], path).unwrap().rope_theta, 10000.0);
-    assert_eq!(model_config_from(&without("tokenizer.ggml.tokens"), [&embd], path).unwrap().n_vocab, 100);
+    assert_eq!(
+        model_config_from(&without("llama.rope.freq_base"), [], path)
+            .unwrap()
+            .rope_theta,
+        10000.0
+    );
+    assert_eq!(
+        model_config_from(&without("tokenizer.ggml.tokens"), [&embd], path)
+            .unwrap()
+            .n_vocab,
+        100
+    );
     let err = model_config_from(&without("llama.block_count"), [], path).unwrap_err();
-    assert!(matches!(err, Error::Missing { .. }) && err.to_string().contains("llama.block_count"), "{err}");
+    assert!(
+        matches!(err, Error::Missing { .. }) && err.to_string().contains("llama.block_count"),
+        "{err}"
+    );
     let err = model_config_from(&without("tokenizer.ggml.tokens"), [], path).unwrap_err();
     assert!(err.to_string().contains("vocabulary size"), "{err}");
 
     let mut md = llama_metadata();
     md[0].1 = "qwen2".into();
     let err = model_config_from(&md, [], path).unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }) && err.to_string().contains("qwen2"), "{err}");
+    assert!(
+        matches!(err, Error::Unsupported { .. }) && err.to_string().contains("qwen2"),
+        "{err}"
+    );
     let mut md = llama_metadata();
     md[7].1 = Value::U32(2); // 9 heads, 2 KV heads
-    assert!(model_config_from(&md, [], path).unwrap_err().to_string().contains("not a multiple"));
+    assert!(
+        model_config_from(&md, [], path)
+            .unwrap_err()
+            .to_string()
+            .contains("not a multiple")
+    );
     let mut md = llama_metadata();
     md[6].1 = Value::U32(0);
-    assert!(model_config_from(&md, [], path).unwrap_err().to_string().contains("head_count is 0"));
+    assert!(
+        model_config_from(&md, [], path)
+            .unwrap_err()
+            .to_string()
+            .contains("head_count is 0")
+    );
     let mut md = llama_metadata();
     md[6].1 = Array::I32(vec![9, 9, 9]).into();
     assert_eq!(model_config_from(&md, [], path).unwrap().n_head, 9);
     md[6].1 = Array::I32(vec![9, 8]).into();
-    assert!(model_config_from(&md, [], path).unwrap_err().to_string().contains("differs between layers"));
+    assert!(
+        model_config_from(&md, [], path)
+            .unwrap_err()
+            .to_string()
+            .contains("differs between layers")
+    );
     let mut md = llama_metadata();
     md.push(("llama.rope.scaling.type".into(), "yarn".into()));
-    assert!(model_config_from(&md, [], path).unwrap_err().to_string().contains("rope.scaling.type"));
+    assert!(
+        model_config_from(&md, [], path)
+            .unwrap_err()
+            .to_string()
+            .contains("rope.scaling.type")
+    );
 
     // Through a written file.
-    let bytes = write_gguf(llama_metadata(), &[(embd.clone(), vec![0; 576 / 32 * 34 * 100])], 32);
+    let bytes = write_gguf(
+        llama_metadata(),
+        &[(embd.clone(), vec![0; 576 / 32 * 34 * 100])],
+        32,
+    );
     let f = parse(&bytes).unwrap();
     assert_eq!(model_config(&f, path).unwrap().n_vocab, 100);
 }

@@ -355,7 +355,9 @@ impl Array {
     /// Every element as a `u64`, for per-layer integer arrays of any integer type; `None` when an element is
     /// negative or not an integer.
     pub fn to_u64s(&self) -> Option<Vec<u64>> {
-        (0..self.len()).map(|i| self.get(i).and_then(|v| v.as_u64())).collect()
+        (0..self.len())
+            .map(|i| self.get(i).and_then(|v| v.as_u64()))
+            .collect()
     }
 
     /// Bytes on disk: element type (u32), count (u64), elements.
@@ -377,15 +379,33 @@ impl Array {
             Array::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
             Array::String(v) => v.iter().for_each(|s| encode_str(out, s)),
             Array::Array(v) => v.iter().for_each(|a| a.encode(out)),
-            Array::I8(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Array::U16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Array::I16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Array::U32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Array::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Array::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Array::U64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Array::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Array::F64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Array::I8(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Array::U16(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Array::I16(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Array::U32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Array::I32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Array::F32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Array::U64(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Array::I64(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Array::F64(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         }
     }
 }

@@ -46,7 +46,9 @@ impl<W: Write> GgufWriter<W> {
         let path = path.into();
         let err = |msg: String| Error::malformed(&path, msg);
         if !alignment.is_power_of_two() || alignment > u32::MAX as u64 {
-            return Err(err(format!("alignment {alignment} must be a power of two that fits in a u32")));
+            return Err(err(format!(
+                "alignment {alignment} must be a power of two that fits in a u32"
+            )));
         }
         let align_value = Value::U32(alignment as u32);
         match metadata.iter_mut().find(|(k, _)| k == KEY_ALIGNMENT) {
@@ -66,14 +68,25 @@ impl<W: Write> GgufWriter<W> {
                 return Err(err(format!("tensor `{}` given twice", desc.name)));
             }
             if desc.shape.len() > MAX_DIMS {
-                return Err(err(format!("tensor `{}`: {} dimensions, at most {MAX_DIMS}", desc.name, desc.shape.len())));
+                return Err(err(format!(
+                    "tensor `{}`: {} dimensions, at most {MAX_DIMS}",
+                    desc.name,
+                    desc.shape.len()
+                )));
             }
-            let size = desc
-                .n_bytes()
-                .map_err(|source| Error::Tensor { path: path.clone(), tensor: desc.name.clone(), source })?;
-            let next = rel.checked_add(size).and_then(|end| end.checked_next_multiple_of(alignment));
+            let size = desc.n_bytes().map_err(|source| Error::Tensor {
+                path: path.clone(),
+                tensor: desc.name.clone(),
+                source,
+            })?;
+            let next = rel
+                .checked_add(size)
+                .and_then(|end| end.checked_next_multiple_of(alignment));
             let Some(next) = next else {
-                return Err(err(format!("tensor `{}`: data section size overflows", desc.name)));
+                return Err(err(format!(
+                    "tensor `{}`: data section size overflows",
+                    desc.name
+                )));
             };
             layout.push((desc, rel, size));
             rel = next;
@@ -101,7 +114,16 @@ impl<W: Write> GgufWriter<W> {
         let data_offset = (header.len() as u64).next_multiple_of(alignment);
         header.resize(data_offset as usize, 0);
 
-        let mut w = GgufWriter { out, path, alignment, data_offset, tensors: layout, next: 0, pos: 0, current: None };
+        let mut w = GgufWriter {
+            out,
+            path,
+            alignment,
+            data_offset,
+            tensors: layout,
+            next: 0,
+            pos: 0,
+            current: None,
+        };
         w.put(&header)?;
         Ok(w)
     }
@@ -113,13 +135,17 @@ impl<W: Write> GgufWriter<W> {
 
     /// Each tensor with its absolute offset in the output and its byte size, in write order.
     pub fn layout(&self) -> impl Iterator<Item = (&TensorDesc, u64, u64)> {
-        self.tensors.iter().map(|(d, rel, size)| (d, self.data_offset + rel, *size))
+        self.tensors
+            .iter()
+            .map(|(d, rel, size)| (d, self.data_offset + rel, *size))
     }
 
     /// Size the finished file will have.
     pub fn total_size(&self) -> u64 {
         match self.tensors.last() {
-            Some((_, rel, size)) => self.data_offset + (rel + size).next_multiple_of(self.alignment),
+            Some((_, rel, size)) => {
+                self.data_offset + (rel + size).next_multiple_of(self.alignment)
+            }
             None => self.data_offset,
         }
     }
@@ -131,7 +157,11 @@ impl<W: Write> GgufWriter<W> {
 
     /// Writes tensor `name` from several pieces (the column slices of a row-parallel split, one per row),
     /// concatenated; their total must be the tensor's size.
-    pub fn write_tensor_parts<'b>(&mut self, name: &str, parts: impl IntoIterator<Item = &'b [u8]>) -> Result<()> {
+    pub fn write_tensor_parts<'b>(
+        &mut self,
+        name: &str,
+        parts: impl IntoIterator<Item = &'b [u8]>,
+    ) -> Result<()> {
         self.begin_tensor(name)?;
         for part in parts {
             self.write_chunk(part)?;
@@ -148,10 +178,16 @@ impl<W: Write> GgufWriter<W> {
             return Err(self.misuse(format!("begin_tensor(`{name}`): tensor `{open}` not ended")));
         }
         let Some((desc, rel, _)) = self.tensors.get(self.next) else {
-            return Err(self.misuse(format!("write_tensor(`{name}`): all {} tensors already written", self.next)));
+            return Err(self.misuse(format!(
+                "write_tensor(`{name}`): all {} tensors already written",
+                self.next
+            )));
         };
         if desc.name != name {
-            return Err(self.misuse(format!("write_tensor(`{name}`): expected tensor `{}` next", desc.name)));
+            return Err(self.misuse(format!(
+                "write_tensor(`{name}`): expected tensor `{}` next",
+                desc.name
+            )));
         }
         let start = self.data_offset + rel;
         self.pad_to(start)?;
@@ -167,7 +203,10 @@ impl<W: Write> GgufWriter<W> {
         let (desc, _, size) = &self.tensors[i];
         let total = written + bytes.len() as u64;
         if total > *size {
-            let msg = format!("write_tensor(`{}`): more than its {size} bytes given", desc.name);
+            let msg = format!(
+                "write_tensor(`{}`): more than its {size} bytes given",
+                desc.name
+            );
             return Err(self.misuse(msg));
         }
         self.put(bytes)?;
@@ -182,7 +221,10 @@ impl<W: Write> GgufWriter<W> {
         };
         let (desc, _, size) = &self.tensors[i];
         if written != *size {
-            let msg = format!("write_tensor(`{}`): {written} bytes given, its size is {size}", desc.name);
+            let msg = format!(
+                "write_tensor(`{}`): {written} bytes given, its size is {size}",
+                desc.name
+            );
             return Err(self.misuse(msg));
         }
         self.next += 1;
@@ -195,7 +237,11 @@ impl<W: Write> GgufWriter<W> {
             return Err(self.misuse("finish(): a tensor was begun but not ended".into()));
         }
         if let Some((desc, _, _)) = self.tensors.get(self.next) {
-            let msg = format!("finish(): tensor `{}` and {} more not written", desc.name, self.tensors.len() - self.next - 1);
+            let msg = format!(
+                "finish(): tensor `{}` and {} more not written",
+                desc.name,
+                self.tensors.len() - self.next - 1
+            );
             return Err(self.misuse(msg));
         }
         self.pad_to(self.total_size())?;
@@ -208,7 +254,9 @@ impl<W: Write> GgufWriter<W> {
     }
 
     fn put(&mut self, bytes: &[u8]) -> Result<()> {
-        self.out.write_all(bytes).map_err(|e| Error::io(&self.path, e))?;
+        self.out
+            .write_all(bytes)
+            .map_err(|e| Error::io(&self.path, e))?;
         self.pos += bytes.len() as u64;
         Ok(())
     }

@@ -13,8 +13,8 @@
 use std::ops::Range;
 
 use crate::config::ModelConfig;
-pub use crate::roles::{LayerTensor, Role};
 use crate::roles::parse_layer_number;
+pub use crate::roles::{LayerTensor, Role};
 
 /// Which rotary projection a tensor is (they differ in head count: `n_head` vs `n_head_kv`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,7 +100,9 @@ pub fn map_hf_name(hf: &str) -> Option<HfName> {
             if suffix == "self_attn.rotary_emb.inv_freq" {
                 return Some(HfName::Skip);
             }
-            let t = LayerTensor::ALL.into_iter().find(|&t| hf_suffix(t) == suffix)?;
+            let t = LayerTensor::ALL
+                .into_iter()
+                .find(|&t| hf_suffix(t) == suffix)?;
             Role::Layer(layer, t)
         }
     };

@@ -16,9 +16,9 @@ use std::ops::Range;
 use tessera_kernels::quant::GgmlType;
 
 use super::roles::Inventory;
-use crate::roles::{LayerTensor, Role};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::roles::{LayerTensor, Role};
 use crate::tensor::TensorDesc;
 
 /// One rank's share of every split dimension.

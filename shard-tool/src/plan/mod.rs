@@ -40,8 +40,8 @@ use crate::tensor::TensorDesc;
 
 pub use memory::{NodeMemory, memory_report};
 
-use heads::{Splits, rank_splits};
 use crate::roles::{LayerTensor, Role};
+use heads::{Splits, rank_splits};
 use roles::Inventory;
 
 /// Largest tensor-parallel group the planner accepts (a guard against absurd inputs, far above any cluster).
@@ -260,7 +260,9 @@ fn build_shard(
         let (rows, cols) = match role {
             Role::TokenEmbd | Role::Output => (Some(widen(&split.vocab)), None),
             Role::Layer(_, LayerTensor::AttnQ) => (Some(scaled(&split.q)), None),
-            Role::Layer(_, LayerTensor::AttnK | LayerTensor::AttnV) => (Some(scaled(&split.kv)), None),
+            Role::Layer(_, LayerTensor::AttnK | LayerTensor::AttnV) => {
+                (Some(scaled(&split.kv)), None)
+            }
             Role::Layer(_, LayerTensor::AttnOutput) => (None, Some(scaled(&split.q))),
             Role::Layer(_, LayerTensor::FfnGate | LayerTensor::FfnUp) => {
                 (Some(widen(&split.ffn)), None)

@@ -43,7 +43,10 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    Command::new(bin()).args(args).output().expect("spawn shard-tool")
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("spawn shard-tool")
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -56,7 +59,13 @@ pub fn stderr(o: &Output) -> String {
 
 /// Asserts the command succeeded, showing its output when not.
 pub fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "exit {:?}\nstdout:\n{}\nstderr:\n{}", o.status.code(), stdout(o), stderr(o));
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    );
 }
 
 /// Asserts a clean failure: exit code 1, no panic, and a message containing every `needle`.
@@ -72,5 +81,8 @@ pub fn assert_fails_with(o: &Output, needles: &[&str]) {
 /// Reads a little-endian f32 file.
 pub fn read_f32(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }

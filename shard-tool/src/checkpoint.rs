@@ -94,15 +94,10 @@ impl Checkpoint {
             .iter()
             .flat_map(|p| p.source.paths().map(Path::to_path_buf))
             .collect();
-        let first_is_gguf = std::fs::File::open(&all_paths[0])
-            .and_then(|mut f| {
-                let mut magic = [0u8; 4];
-                std::io::Read::read_exact(&mut f, &mut magic).map(|_| magic == gguf::MAGIC)
-            })
-            .unwrap_or(false);
+        let in_container = set.pieces.iter().any(|p| p.source.window_start() > 0);
         let format = if set.pieces.len() > 1 {
             format!("gguf-split, {} files (GGUF v{version})", set.pieces.len())
-        } else if !first_is_gguf {
+        } else if in_container {
             format!("llamafile (GGUF v{version} stored in its ZIP)")
         } else if all_paths.len() > 1 {
             format!("GGUF v{version} in {} byte-split pieces", all_paths.len())

@@ -105,6 +105,11 @@ impl ByteSource {
         self.pieces.len()
     }
 
+    /// Where the view starts in the concatenated files (non-zero for a GGUF stored inside a ZIP).
+    pub fn window_start(&self) -> u64 {
+        self.base
+    }
+
     /// Restricts the view to `[offset, offset + len)` of the current view.
     pub fn window(mut self, offset: u64, len: u64) -> Result<Self> {
         self.check_range(offset, len, "window")?;

@@ -19,9 +19,12 @@ mod k_search;
 mod legacy;
 
 pub use block::Block;
+// Shared with the CPU kernels (activation quantizers), which must round exactly as ggml does.
+pub(crate) use float::{bf16_bits_to_f32, f16_to_f32, f32_to_bf16_bits};
 pub use k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, K_SCALE_SIZE, QK_K, get_scale_min_k4,
 };
+pub(crate) use k_search::nearest_int;
 pub use legacy::{
     BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, QK4_0, QK4_1, QK5_0, QK5_1, QK8_0,
 };

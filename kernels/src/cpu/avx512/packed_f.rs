@@ -1,0 +1,395 @@
+//! AVX-512 matmul over 16-row interleaved float weights (F32, F16, BF16; layout in `cpu::packed`): one load
+//! is a column of 16 rows, multiplied by each token's broadcast activation into one accumulator per token
+//! (BF16: a column pair with `vdpbf16ps`, as ggml's AVX512-BF16 dot). No horizontal sums; a tile writes
+//! 16 outputs per token with one store.
+//!
+//! Activations as llama.cpp converts them: F32 unchanged, F16 rounded to f16 (used here as the f32 of that
+//! f16), BF16 rounded to bf16.
+//!
+//! # Safety
+//! The `unsafe fn`s need AVX-512 F/BW/VL/DQ (+ AVX512-BF16 for the `vdpbf16ps` tiles); pointer contracts on
+//! `float_tile`.
+
+// Token accumulator arrays read better as index loops.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::cpu::isa::Kernels;
+use crate::cpu::layout::VecDotType;
+use crate::cpu::packed::{GROUP, check_io};
+use crate::cpu::{KernelError, Pool, Scratch};
+use crate::quant::GgmlType;
+
+const F32: u8 = 0;
+const F16: u8 = 1;
+/// BF16 widened by shifts (AVX-512 without BF16).
+const BF16_SHIFT: u8 = 2;
+/// BF16 with `vdpbf16ps`.
+const BF16_DP: u8 = 3;
+
+/// Tokens per prefill tile.
+const T_TILE: usize = 8;
+
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: threads write disjoint (token, row group) outputs; `Pool::run` joins them before the borrow ends.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One 16-row group × `T` tokens over `steps` steps. `w`: the group's steps (64 bytes each; F16: 32);
+/// `a`: token 0's activations (f32 for F32/F16, bf16 for BF16), tokens `a_stride` bytes apart; `out`: `y`
+/// at (token 0, the group's first row), tokens `out_stride` floats apart; the first `valid` rows are written.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn float_tile<const KIND: u8, const T: usize>(
+    steps: usize,
+    w: *const u8,
+    a: *const u8,
+    a_stride: usize,
+    out: *mut f32,
+    out_stride: usize,
+    valid: usize,
+) {
+    // Independent accumulator sets: with one token, a single chain would wait on each FMA's latency.
+    const SETS: usize = 4;
+    let sets = const { if T == 1 { SETS } else { 1 } };
+    let mut acc = [[_mm512_setzero_ps(); T]; SETS];
+    let mut acc2 = [[_mm512_setzero_ps(); T]; SETS];
+    // `u` runs over a constant range, so the sets stay in registers.
+    let mut s0 = 0;
+    while s0 < steps {
+        for u in 0..sets {
+            let s = s0 + u;
+            if s >= steps {
+                break;
+            }
+            // SAFETY: step `s` of the group and of each token's activations exist (caller contract).
+            unsafe {
+                match KIND {
+                    F32 | F16 => {
+                        let wv = if KIND == F32 {
+                            _mm512_loadu_ps(w.add(64 * s).cast())
+                        } else {
+                            _mm512_cvtph_ps(_mm256_loadu_si256(w.add(32 * s).cast()))
+                        };
+                        for t in 0..T {
+                            let x = _mm512_set1_ps(
+                                a.add(t * a_stride + 4 * s).cast::<f32>().read_unaligned(),
+                            );
+                            acc[u][t] = _mm512_fmadd_ps(wv, x, acc[u][t]);
+                        }
+                    }
+                    _ => {
+                        // Lane r: (row r, column 2s) in the low half, (row r, column 2s+1) in the high half.
+                        let wv = _mm512_loadu_si512(w.add(64 * s).cast());
+                        for t in 0..T {
+                            let p = a.add(t * a_stride + 4 * s).cast::<i32>().read_unaligned();
+                            if KIND == BF16_DP {
+                                acc[u][t] = bf16_dp(acc[u][t], wv, _mm512_set1_epi32(p));
+                            } else {
+                                let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wv));
+                                let odd = _mm512_castsi512_ps(_mm512_and_si512(
+                                    wv,
+                                    _mm512_set1_epi32(-65536),
+                                ));
+                                let x0 = _mm512_set1_ps(f32::from_bits((p as u32) << 16));
+                                let x1 = _mm512_set1_ps(f32::from_bits(p as u32 & 0xffff_0000));
+                                acc[u][t] = _mm512_fmadd_ps(even, x0, acc[u][t]);
+                                acc2[u][t] = _mm512_fmadd_ps(odd, x1, acc2[u][t]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        s0 += sets;
+    }
+    for u in 1..sets {
+        for t in 0..T {
+            acc[0][t] = _mm512_add_ps(acc[0][t], acc[u][t]);
+            acc2[0][t] = _mm512_add_ps(acc2[0][t], acc2[u][t]);
+        }
+    }
+    let (acc, acc2) = (acc[0], acc2[0]);
+    let k: __mmask16 = if valid >= GROUP {
+        0xffff
+    } else {
+        (1u16 << valid) - 1
+    };
+    for t in 0..T {
+        // SAFETY: the first `valid` outputs of each token row are writable (caller contract).
+        unsafe {
+            _mm512_mask_storeu_ps(out.add(t * out_stride), k, _mm512_add_ps(acc[t], acc2[t]))
+        };
+    }
+}
+
+/// `vdpbf16ps` in a function of its own, so that only the BF16 tiles require AVX512-BF16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16")]
+fn bf16_dp(acc: __m512, w: __m512i, x: __m512i) -> __m512 {
+    // SAFETY: reinterpreting 32 bf16 bit patterns as the same-sized `__m512bh`.
+    unsafe {
+        _mm512_dpbf16_ps(
+            acc,
+            std::mem::transmute::<__m512i, __m512bh>(w),
+            std::mem::transmute::<__m512i, __m512bh>(x),
+        )
+    }
+}
+
+/// `x` rounded to f16 (nearest even, as F16C converts) and back, as little-endian f32 bytes in `out`.
+///
+/// # Safety
+/// AVX-512 F + F16C; `out.len() >= 4 * x.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+unsafe fn round_through_f16(x: &[f32], out: &mut [u8]) {
+    let mut i = 0;
+    while i + 16 <= x.len() {
+        // SAFETY: 16 values inside `x` and 64 bytes inside `out`.
+        unsafe {
+            let v = _mm512_loadu_ps(x.as_ptr().add(i));
+            let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v));
+            _mm512_storeu_ps(out.as_mut_ptr().add(4 * i).cast(), r);
+        }
+        i += 16;
+    }
+    for (j, &v) in x.iter().enumerate().skip(i) {
+        out[4 * j..4 * j + 4].copy_from_slice(&half::f16::from_f32(v).to_f32().to_le_bytes());
+    }
+}
+
+type FloatTileFn = unsafe fn(usize, *const u8, *const u8, usize, *mut f32, usize, usize);
+
+macro_rules! tiles {
+    ($($name:ident: $kind:expr, $t:literal, $feat:literal;)*) => {$(
+        /// # Safety
+        /// See `float_tile`.
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(
+            steps: usize, w: *const u8, a: *const u8, a_stride: usize, out: *mut f32, out_stride: usize,
+            valid: usize,
+        ) {
+            // SAFETY: forwarded contract (the features of this wrapper include the tile's).
+            unsafe { float_tile::<$kind, $t>(steps, w, a, a_stride, out, out_stride, valid) }
+        }
+    )*};
+}
+
+tiles! {
+    f32_t1: F32, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    f32_t8: F32, 8, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    f16_t1: F16, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    f16_t8: F16, 8, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    bf16s_t1: BF16_SHIFT, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    bf16s_t8: BF16_SHIFT, 8, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    bf16d_t1: BF16_DP, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
+    bf16d_t8: BF16_DP, 8, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
+}
+
+/// The packed float matmul, called by the VNNI level's packed matmul for F32/F16/BF16.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    k: &Kernels,
+    pool: &Pool,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+) -> Result<(), KernelError> {
+    let dp = is_x86_feature_detected!("avx512bf16");
+    matmul_with(k, pool, ty, rows, cols, data, x, n_tokens, y, scratch, dp)
+}
+
+/// [`matmul`] choosing the BF16 variant (`dp`: `vdpbf16ps`, else shifts), so tests reach both.
+#[allow(clippy::too_many_arguments)]
+fn matmul_with(
+    k: &Kernels,
+    pool: &Pool,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+    dp: bool,
+) -> Result<(), KernelError> {
+    check_io(rows, cols, x, n_tokens, y)?;
+    let groups = rows.div_ceil(GROUP);
+    let step_bytes = if ty == GgmlType::F16 { 32 } else { 64 };
+    let steps = if ty == GgmlType::BF16 { cols / 2 } else { cols };
+    crate::cpu::check_len(
+        "packed matrix bytes",
+        groups * steps * step_bytes,
+        data.len(),
+    )?;
+    if n_tokens == 0 || rows == 0 {
+        return Ok(());
+    }
+    let (t1, t8): (FloatTileFn, FloatTileFn) = match ty {
+        GgmlType::F32 => (f32_t1, f32_t8),
+        GgmlType::F16 => (f16_t1, f16_t8),
+        _ if dp => (bf16d_t1, bf16d_t8),
+        _ => (bf16s_t1, bf16s_t8),
+    };
+    // Activations: F32 as given, F16 rounded through f16 (kept as f32 for broadcasting), BF16 as bf16.
+    let mut act = std::mem::take(&mut scratch.act);
+    let stride;
+    let act_ref: &[u8] = match ty {
+        GgmlType::F32 => {
+            stride = 4 * cols;
+            // SAFETY: any f32 is 4 valid bytes; the view lives no longer than `x`.
+            unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+        }
+        GgmlType::F16 => {
+            stride = 4 * cols;
+            act.resize(4 * x.len(), 0);
+            // SAFETY: `act` holds 4 bytes per value of `x`; AVX-512 was detected with the table.
+            unsafe { round_through_f16(x, &mut act) };
+            &act
+        }
+        _ => {
+            stride = 2 * cols;
+            k.quantize_tokens(pool, VecDotType::BF16, x, n_tokens, cols, stride, &mut act);
+            &act[..n_tokens * stride]
+        }
+    };
+    let t_block = ((32 << 10) / stride.max(1)).max(T_TILE) / T_TILE * T_TILE;
+    let n_tblocks = n_tokens.div_ceil(t_block);
+    let per_thread = (groups * n_tblocks).div_ceil(pool.n_threads().max(1));
+    let chunk = if pool.n_threads() <= 1 {
+        groups
+    } else {
+        (per_thread / 6).clamp(1, groups)
+    };
+    let n_gchunks = groups.div_ceil(chunk);
+    let n_items = n_tblocks * n_gchunks;
+    let next = AtomicUsize::new(0);
+    let out = SharedOut(y.as_mut_ptr());
+    let group_bytes = steps * step_bytes;
+    pool.run(|_, _| {
+        loop {
+            let item = next.fetch_add(1, Ordering::Relaxed);
+            if item >= n_items {
+                break;
+            }
+            let (tb, gc) = (item / n_gchunks, item % n_gchunks);
+            let (t_lo, t_hi) = (tb * t_block, ((tb + 1) * t_block).min(n_tokens));
+            for g in gc * chunk..((gc + 1) * chunk).min(groups) {
+                let valid = (rows - g * GROUP).min(GROUP);
+                let mut t = t_lo;
+                while t < t_hi {
+                    let (f, step) = if t + T_TILE <= t_hi {
+                        (t8, T_TILE)
+                    } else {
+                        (t1, 1)
+                    };
+                    // SAFETY: group `g` has `group_bytes` bytes in `data` (length checked); tokens t..t+step
+                    // have `stride` activation bytes; outputs (t.., g*16 .. g*16+valid) lie inside `y` and
+                    // belong to this item only. AVX-512 (and BF16 for the dp tiles) was detected.
+                    unsafe {
+                        f(
+                            steps,
+                            data.as_ptr().add(g * group_bytes),
+                            act_ref.as_ptr().add(t * stride),
+                            stride,
+                            out.get().add(t * rows + g * GROUP),
+                            rows,
+                            valid,
+                        )
+                    };
+                    t += step;
+                }
+            }
+        }
+    });
+    scratch.act = act;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{Isa, QMatrix};
+
+    #[test]
+    fn bf16_shift_and_dp_tiles_agree() {
+        let Some(k) = Kernels::for_isa(Isa::Avx512Vnni) else {
+            return;
+        };
+        let (rows, cols, n) = (37, 96, 11);
+        let wf: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5)
+            .collect();
+        let mut raw = Vec::new();
+        crate::quant::quantize_row(GgmlType::BF16, &wf, &mut raw).expect("bf16");
+        let p = k
+            .pack(&QMatrix::new(GgmlType::BF16, rows, cols, &raw).expect("matrix"))
+            .expect("pack");
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let pool = Pool::new(2);
+        let mut s = Scratch::new();
+        let (mut y1, mut y2) = (vec![0.0; n * rows], vec![0.0; n * rows]);
+        let data = &p.data;
+        matmul_with(
+            k,
+            &pool,
+            GgmlType::BF16,
+            rows,
+            cols,
+            data,
+            &x,
+            n,
+            &mut y1,
+            &mut s,
+            false,
+        )
+        .expect("shift");
+        if is_x86_feature_detected!("avx512bf16") {
+            matmul_with(
+                k,
+                &pool,
+                GgmlType::BF16,
+                rows,
+                cols,
+                data,
+                &x,
+                n,
+                &mut y2,
+                &mut s,
+                true,
+            )
+            .expect("dp");
+        } else {
+            k.matmul(
+                &pool,
+                &QMatrix::new(GgmlType::BF16, rows, cols, &raw).expect("m"),
+                &x,
+                n,
+                &mut y2,
+                &mut s,
+            )
+            .expect("plain");
+        }
+        for (a, b) in y1.iter().zip(&y2) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+}

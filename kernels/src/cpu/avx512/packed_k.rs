@@ -1,0 +1,251 @@
+//! AVX-512 VNNI tiles for 16-row interleaved Q4_K and Q6_K (layouts in `cpu::packed`), against Q8_K
+//! activations: `vpdpbusd` per 4-element word with one lane per row, sub-block sums times the unpacked
+//! per-row scales (`vpmulld`), and per super-block one convert / scale / FMA per token.
+//!
+//! Q4_K: `Σ = d·da·Σ_j sc_j·Σ q·a − dmin·da·Σ_j m_j·bs_j` with `bs_j` the activation sum of sub-block `j`
+//! (pairs of Q8_K `bsums`, prepared per call in `aux`), the second sum by `vpmaddwd` on i16 pairs.
+//! Q6_K: `Σ = d·da·Σ_g sc_g·(Σ q·a − 32·bs_g)`; each group's integer accumulator starts at `−32·bs_g`.
+//!
+//! # Safety
+//! Needs AVX-512 F/BW/VL/DQ + VNNI; the pointer contract is `group_tile`'s in `packed`.
+
+// Tiles index (token, group) accumulator grids; index loops over the const extents read better.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use crate::cpu::layout::Q8_K_BYTES;
+use crate::cpu::packed::{Q4K_MINS, Q4K_QS, Q4K_SCALES, Q6K_QL, Q6K_SCALES};
+
+/// `aux` words per (token, super-block): Q4_K `d` + 4 sum pairs, Q6_K `d` + 16 `−32·bs_g`.
+pub(crate) const Q4K_AUX: usize = 5;
+pub(crate) const Q6K_AUX: usize = 17;
+const Q4K_REC: usize = Q4K_QS + 2048;
+const Q6K_REC: usize = Q6K_QL + 3072;
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")]
+unsafe fn word(p: *const u8) -> __m512i {
+    // SAFETY: the caller guarantees 4 readable bytes.
+    _mm512_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")]
+unsafe fn load(p: *const u8) -> __m512i {
+    // SAFETY: the caller guarantees 64 readable bytes.
+    unsafe { _mm512_loadu_si512(p.cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_k_tile<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    a: *const u8,
+    a_stride: usize,
+    aux: *const u32,
+    out: *mut f32,
+    out_stride: usize,
+    valid: usize,
+) {
+    let m4 = _mm512_set1_epi8(0x0f);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
+        // SAFETY: record `b`, activation block `b` and its aux words exist for every token (caller
+        // contract); offsets below stay inside them.
+        unsafe {
+            let r = w.add(b * Q4K_REC);
+            let at: [*const u8; T] =
+                std::array::from_fn(|t| a.add(t * a_stride + b * Q8_K_BYTES + 4));
+            let xt: [*const u32; T] = std::array::from_fn(|t| aux.add((t * nb + b) * Q4K_AUX));
+            let mut sumi = [_mm512_setzero_si512(); T];
+            for i in 0..4 {
+                let mut lo_s = [_mm512_setzero_si512(); T];
+                let mut hi_s = [_mm512_setzero_si512(); T];
+                for c in 0..8 {
+                    let v = load(r.add(Q4K_QS + 64 * (8 * i + c)));
+                    let lo = _mm512_and_si512(v, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                    for t in 0..T {
+                        lo_s[t] = _mm512_dpbusd_epi32(lo_s[t], lo, word(at[t].add(64 * i + 4 * c)));
+                        hi_s[t] =
+                            _mm512_dpbusd_epi32(hi_s[t], hi, word(at[t].add(64 * i + 32 + 4 * c)));
+                    }
+                }
+                let sc_lo =
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(r.add(Q4K_SCALES + 32 * i).cast()));
+                let sc_hi =
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(r.add(Q4K_SCALES + 32 * i + 16).cast()));
+                for t in 0..T {
+                    let s = _mm512_add_epi32(
+                        _mm512_mullo_epi32(lo_s[t], sc_lo),
+                        _mm512_mullo_epi32(hi_s[t], sc_hi),
+                    );
+                    sumi[t] = _mm512_add_epi32(sumi[t], s);
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(r.cast()));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(32).cast()));
+            for t in 0..T {
+                let mut ms = _mm512_setzero_si512();
+                for k in 0..4 {
+                    let pair = _mm512_set1_epi32(*xt[t].add(1 + k) as i32);
+                    ms = _mm512_add_epi32(
+                        ms,
+                        _mm512_madd_epi16(load(r.add(Q4K_MINS + 64 * k)), pair),
+                    );
+                }
+                let da = _mm512_set1_ps(f32::from_bits(*xt[t]));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[t]), _mm512_mul_ps(d, da), acc[t]);
+                acc[t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ms), _mm512_mul_ps(dmin, da), acc[t]);
+            }
+        }
+    }
+    store(acc, out, out_stride, valid);
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q6_k_tile<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    a: *const u8,
+    a_stride: usize,
+    aux: *const u32,
+    out: *mut f32,
+    out_stride: usize,
+    valid: usize,
+) {
+    let m4 = _mm512_set1_epi8(0x0f);
+    let m30 = _mm512_set1_epi8(0x30);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
+        // SAFETY: as in `q4_k_tile`.
+        unsafe {
+            let r = w.add(b * Q6K_REC);
+            let at: [*const u8; T] =
+                std::array::from_fn(|t| a.add(t * a_stride + b * Q8_K_BYTES + 4));
+            let xt: [*const u32; T] = std::array::from_fn(|t| aux.add((t * nb + b) * Q6K_AUX));
+            let mut sumi = [_mm512_setzero_si512(); T];
+            for h in 0..2 {
+                for quarter in 0..2 {
+                    // Groups of elements l, l+32, l+64, l+96 for l in this 16-wide quarter.
+                    let groups = [0, 2, 4, 6].map(|k| 8 * h + k + quarter);
+                    let mut gs = [[_mm512_setzero_si512(); 4]; T];
+                    for t in 0..T {
+                        for k in 0..4 {
+                            gs[t][k] = _mm512_set1_epi32(*xt[t].add(1 + groups[k]) as i32);
+                        }
+                    }
+                    for p in 0..4 {
+                        let l = 16 * quarter + 4 * p;
+                        let at_w = r.add(Q6K_QL + 192 * (8 * h + l / 4));
+                        let (va, vb, vh) = (load(at_w), load(at_w.add(64)), load(at_w.add(128)));
+                        let q = [
+                            _mm512_or_si512(
+                                _mm512_and_si512(va, m4),
+                                _mm512_and_si512(_mm512_slli_epi16::<4>(vh), m30),
+                            ),
+                            _mm512_or_si512(
+                                _mm512_and_si512(vb, m4),
+                                _mm512_and_si512(_mm512_slli_epi16::<2>(vh), m30),
+                            ),
+                            _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(va), m4),
+                                _mm512_and_si512(vh, m30),
+                            ),
+                            _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(vb), m4),
+                                _mm512_and_si512(_mm512_srli_epi16::<2>(vh), m30),
+                            ),
+                        ];
+                        for t in 0..T {
+                            for k in 0..4 {
+                                gs[t][k] = _mm512_dpbusd_epi32(
+                                    gs[t][k],
+                                    q[k],
+                                    word(at[t].add(128 * h + 32 * k + l)),
+                                );
+                            }
+                        }
+                    }
+                    for k in 0..4 {
+                        let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            r.add(Q6K_SCALES + 16 * groups[k]).cast(),
+                        ));
+                        for t in 0..T {
+                            sumi[t] = _mm512_add_epi32(sumi[t], _mm512_mullo_epi32(gs[t][k], sc));
+                        }
+                    }
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(r.cast()));
+            for t in 0..T {
+                let da = _mm512_set1_ps(f32::from_bits(*xt[t]));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[t]), _mm512_mul_ps(d, da), acc[t]);
+            }
+        }
+    }
+    store(acc, out, out_stride, valid);
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")]
+fn store<const T: usize>(acc: [__m512; T], out: *mut f32, out_stride: usize, valid: usize) {
+    let k: __mmask16 = if valid >= 16 {
+        0xffff
+    } else {
+        (1u16 << valid) - 1
+    };
+    for (t, v) in acc.into_iter().enumerate() {
+        // SAFETY: the caller guarantees the first `valid` outputs of each token row are writable.
+        unsafe { _mm512_mask_storeu_ps(out.add(t * out_stride), k, v) };
+    }
+}
+
+macro_rules! tiles {
+    ($($name:ident: $f:ident, $t:literal;)*) => {$(
+        /// # Safety
+        /// See `packed::group_tile`.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")]
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) unsafe fn $name(
+            nb: usize, w: *const u8, a: *const u8, a_stride: usize, aux: *const u32, out: *mut f32,
+            out_stride: usize, valid: usize,
+        ) {
+            // SAFETY: forwarded contract.
+            unsafe { $f::<$t>(nb, w, a, a_stride, aux, out, out_stride, valid) }
+        }
+    )*};
+}
+
+tiles! {
+    q4_k_t1: q4_k_tile, 1;
+    q4_k_t4: q4_k_tile, 4;
+    q6_k_t1: q6_k_tile, 1;
+    q6_k_t4: q6_k_tile, 4;
+}
+
+/// Fills the per (token, super-block) words: `d`, then for Q4_K the 4 pairs `(bs_2k, bs_2k+1)` of
+/// sub-block sums as i16 halves, for Q6_K `−32·bsums[g]` for the 16 groups.
+pub(crate) fn fill_aux(q6: bool, act: &[u8], n_tokens: usize, stride: usize, aux: &mut Vec<u32>) {
+    aux.clear();
+    for t in 0..n_tokens {
+        for blk in act[t * stride..(t + 1) * stride].chunks_exact(Q8_K_BYTES) {
+            aux.push(u32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]));
+            let bs = |g: usize| i32::from(i16::from_le_bytes([blk[260 + 2 * g], blk[261 + 2 * g]]));
+            if q6 {
+                aux.extend((0..16).map(|g| (-32 * bs(g)) as u32));
+            } else {
+                for k in 0..4 {
+                    let s0 = (bs(4 * k) + bs(4 * k + 1)) as u16;
+                    let s1 = (bs(4 * k + 2) + bs(4 * k + 3)) as u16;
+                    aux.push(u32::from(s0) | (u32::from(s1) << 16));
+                }
+            }
+        }
+    }
+}

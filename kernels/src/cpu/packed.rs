@@ -1,0 +1,315 @@
+//! Weights repacked once at load time into 16-row interleaved blocks, so that one 512-bit load holds four
+//! bytes of each of 16 rows and `vpdpbusd` against one broadcast activation word yields 16 row sums in 16
+//! lanes: one lane per output instead of one lane per element. Float work (scale, convert, accumulate)
+//! then happens once per block for 16 rows, and a weight load serves every token of the tile. This is the
+//! layout idea of llama.cpp's `repack.cpp` (`block_q4_0x8` and friends), sized for AVX-512.
+//!
+//! Record of rows `16g..16g+16`, block `b` (records of a group back to back, groups back to back):
+//! - Q4_0 (288 bytes = 16 × 18): 16 f16 `d`, then for `c` in 0..4 a 64-byte chunk holding bytes
+//!   `qs[4c..4c+4]` of each row (low nibbles: elements `4c..4c+4`, high nibbles: `16+4c..16+4c+4`).
+//! - Q4_1 (320 = 16 × 20): 16 `d`, 16 `m`, then the same 4 chunks.
+//! - Q8_0 (544 = 16 × 34): 16 `d`, then for `c` in 0..8 a chunk of `qs[4c..4c+4] ^ 0x80` per row (signed to
+//!   unsigned, corrected with `-128 Σa` per activation block).
+//!
+//! - Q4_K, Q6_K: see [`Q4K_QS`] and [`Q6K_QL`]; the 6-bit scales and mins are unpacked once here.
+//!
+//! - F32, F16, BF16: per group, for each column (BF16: each column pair) the 16 rows' values back to back,
+//!   so a load is one column of 16 rows and the activation is broadcast (no horizontal sums).
+//!
+//! Rows past the end of the matrix are zero. Types and CPUs without a packed kernel keep the GGUF layout
+//! in an owned copy and go through the ordinary kernels, so callers can pack every matrix unconditionally.
+
+use super::isa::{Isa, Kernels};
+use super::{KernelError, Pool, QMatrix, Scratch, check_len};
+use crate::quant::{GgmlType, get_scale_min_k4};
+
+/// Rows interleaved per packed group.
+pub(crate) const GROUP: usize = 16;
+
+/// A weight matrix in the layout the packing table's matmul wants (see the module docs). Build with
+/// [`PackedMatrix::new`] (best kernels) or [`Kernels::pack`]; multiply with [`matmul_packed`].
+#[derive(Debug, Clone)]
+pub struct PackedMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    /// The table that packed it; its matmul must be used.
+    isa: Isa,
+    /// Whether `data` is interleaved (else the GGUF layout).
+    interleaved: bool,
+    pub(crate) data: Vec<u8>,
+}
+
+impl PackedMatrix {
+    /// Packs `w` for the best kernels of this CPU.
+    pub fn new(w: &QMatrix) -> Result<Self, KernelError> {
+        Kernels::best().pack(w)
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Whether the data is interleaved for a packed kernel (false: a plain copy).
+    pub fn is_interleaved(&self) -> bool {
+        self.interleaved
+    }
+
+    /// The matrix in GGUF layout, when it was not interleaved.
+    pub fn as_qmatrix(&self) -> Option<QMatrix<'_>> {
+        (!self.interleaved).then(|| QMatrix {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data: &self.data,
+        })
+    }
+}
+
+/// Bytes of the leading per-row fields (scales, mins) in a record, and of one record.
+pub(crate) const fn record_layout(ty: GgmlType) -> Option<(usize, usize)> {
+    match ty {
+        GgmlType::Q4_0 => Some((32, 288)),
+        GgmlType::Q4_1 => Some((64, 320)),
+        GgmlType::Q8_0 => Some((32, 544)),
+        GgmlType::Q4_K => Some((Q4K_QS, Q4K_QS + 2048)),
+        GgmlType::Q6_K => Some((Q6K_QL, Q6K_QL + 3072)),
+        _ => None,
+    }
+}
+
+/// Q4_K record: `d` ×16 at 0, `dmin` ×16 at 32, the 8 sub-block scales as u8 (`[j][row]`) at
+/// [`Q4K_SCALES`], the mins as i16 pairs (`[k][row] = (m[2k], m[2k+1])`, for `vpmaddwd` against pairs of
+/// activation sums) at [`Q4K_MINS`], then 32 chunks of `qs[4c..4c+4]` per row at [`Q4K_QS`].
+pub(crate) const Q4K_SCALES: usize = 64;
+pub(crate) const Q4K_MINS: usize = 192;
+pub(crate) const Q4K_QS: usize = 448;
+/// Q6_K record: `d` ×16 at 0, the 16 group scales as i8 (`[g][row]`) at [`Q6K_SCALES`], then from
+/// [`Q6K_QL`] for each half `h` and 4-byte position `l` (in that order) three chunks: `ql[64h+l..+4]`,
+/// `ql[64h+32+l..+4]` and `qh[32h+l..+4]` of every row (same size as 16 GGUF blocks).
+pub(crate) const Q6K_SCALES: usize = 32;
+pub(crate) const Q6K_QL: usize = 288;
+
+/// Interleaves a Q4_K or Q6_K matrix into the records above.
+fn interleave_k(w: &QMatrix, rec: usize) -> Vec<u8> {
+    let bb = w.ty.type_size();
+    let nb = w.cols / 256;
+    let groups = w.rows.div_ceil(GROUP);
+    let mut out = vec![0u8; groups * nb * rec];
+    let row_bytes = nb * bb;
+    for g in 0..groups {
+        for b in 0..nb {
+            let r_out = &mut out[(g * nb + b) * rec..][..rec];
+            for lane in 0..GROUP.min(w.rows - g * GROUP) {
+                let blk = &w.data[(g * GROUP + lane) * row_bytes + b * bb..][..bb];
+                let mut chunks = |at: usize, src: &[u8]| {
+                    for (c, q) in src.chunks_exact(4).enumerate() {
+                        r_out[at + 64 * c + 4 * lane..][..4].copy_from_slice(q);
+                    }
+                };
+                if w.ty == GgmlType::Q4_K {
+                    chunks(Q4K_QS, &blk[16..144]);
+                    r_out[2 * lane..][..2].copy_from_slice(&blk[0..2]);
+                    r_out[32 + 2 * lane..][..2].copy_from_slice(&blk[2..4]);
+                    let packed: &[u8; 12] = blk[4..16].try_into().unwrap_or(&[0; 12]);
+                    let sm: [(u8, u8); 8] = std::array::from_fn(|j| get_scale_min_k4(j, packed));
+                    for (j, &(sc, m)) in sm.iter().enumerate() {
+                        r_out[Q4K_SCALES + 16 * j + lane] = sc;
+                        let at = Q4K_MINS + 64 * (j / 2) + 4 * lane + 2 * (j % 2);
+                        r_out[at..at + 2].copy_from_slice(&i16::from(m).to_le_bytes());
+                    }
+                } else {
+                    // In kernel order, so a record streams front to back: for each half `h` and 4-byte
+                    // position `l`, the words `ql[64h+l]`, `ql[64h+32+l]` and `qh[32h+l]`.
+                    for h in 0..2 {
+                        for l in (0..32).step_by(4) {
+                            let at = Q6K_QL + 192 * (8 * h + l / 4) + 4 * lane;
+                            r_out[at..at + 4].copy_from_slice(&blk[64 * h + l..][..4]);
+                            r_out[at + 64..at + 68].copy_from_slice(&blk[64 * h + 32 + l..][..4]);
+                            r_out[at + 128..at + 132]
+                                .copy_from_slice(&blk[128 + 32 * h + l..][..4]);
+                        }
+                    }
+                    r_out[2 * lane..][..2].copy_from_slice(&blk[208..210]);
+                    for gi in 0..16 {
+                        r_out[Q6K_SCALES + 16 * gi + lane] = blk[192 + gi];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Interleaves `w` (a type with a [`record_layout`]).
+fn interleave(w: &QMatrix, head: usize, rec: usize) -> Vec<u8> {
+    let bb = w.ty.type_size();
+    let nb = w.cols / 32;
+    let groups = w.rows.div_ceil(GROUP);
+    let mut out = vec![0u8; groups * nb * rec];
+    let row_bytes = nb * bb;
+    // Per-row field offsets inside a GGUF block, and where the 32-element quants start.
+    let (fields, qs_at, qs_len): (&[usize], usize, usize) = match w.ty {
+        GgmlType::Q4_0 => (&[0], 2, 16),
+        GgmlType::Q4_1 => (&[0, 2], 4, 16),
+        _ => (&[0], 2, 32),
+    };
+    let flip = if w.ty == GgmlType::Q8_0 { 0x80 } else { 0 };
+    for g in 0..groups {
+        for b in 0..nb {
+            let r_out = &mut out[(g * nb + b) * rec..][..rec];
+            for lane in 0..GROUP {
+                let r = g * GROUP + lane;
+                if r >= w.rows {
+                    continue;
+                }
+                let blk = &w.data[r * row_bytes + b * bb..][..bb];
+                for (f, &off) in fields.iter().enumerate() {
+                    r_out[f * 32 + 2 * lane..][..2].copy_from_slice(&blk[off..off + 2]);
+                }
+                for c in 0..qs_len / 4 {
+                    for k in 0..4 {
+                        r_out[head + 64 * c + 4 * lane + k] = blk[qs_at + 4 * c + k] ^ flip;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Bytes per row per step of the float layouts: F32 and F16 one element, BF16 a pair (for `vdpbf16ps`).
+pub(crate) const fn float_unit(ty: GgmlType) -> Option<usize> {
+    match ty {
+        GgmlType::F32 | GgmlType::BF16 => Some(4),
+        GgmlType::F16 => Some(2),
+        _ => None,
+    }
+}
+
+/// Float types: groups of 16 rows, then for each step the step's `unit` bytes of each row (64 or 32 bytes
+/// per step), so one load gives the same column(s) of 16 rows.
+fn interleave_float(w: &QMatrix, unit: usize) -> Vec<u8> {
+    let row_bytes = w.data.len() / w.rows.max(1);
+    let steps = row_bytes / unit;
+    let groups = w.rows.div_ceil(GROUP);
+    let mut out = vec![0u8; groups * steps * GROUP * unit];
+    for (r, row) in w.data.chunks_exact(row_bytes).enumerate() {
+        let (g, lane) = (r / GROUP, r % GROUP);
+        for (s, v) in row.chunks_exact(unit).enumerate() {
+            out[((g * steps + s) * GROUP + lane) * unit..][..unit].copy_from_slice(v);
+        }
+    }
+    out
+}
+
+impl Kernels {
+    /// Packs `w` for this table's [`Kernels::matmul_packed`]: interleaved when the table has a packed kernel
+    /// for `w.ty`, else an owned copy in GGUF layout.
+    pub fn pack(&self, w: &QMatrix) -> Result<PackedMatrix, KernelError> {
+        let checked = QMatrix::new(w.ty, w.rows, w.cols, w.data)?;
+        let layout = record_layout(w.ty).filter(|_| self.packed.is_some());
+        let unit = float_unit(w.ty)
+            .filter(|_| self.packed.is_some() && w.rows > 0 && w.cols > 0)
+            .filter(|&u| (w.cols * w.ty.type_size()).is_multiple_of(u));
+        let (interleaved, data) = match (layout, unit) {
+            (Some((_, rec)), _) if w.ty.block_size() == 256 => (true, interleave_k(&checked, rec)),
+            (Some((head, rec)), _) => (true, interleave(&checked, head, rec)),
+            (None, Some(u)) => (true, interleave_float(&checked, u)),
+            _ => (false, w.data.to_vec()),
+        };
+        Ok(PackedMatrix {
+            ty: w.ty,
+            rows: w.rows,
+            cols: w.cols,
+            isa: self.isa,
+            interleaved,
+            data,
+        })
+    }
+
+    /// [`matmul_packed`] with this table's kernels; `w` must have been packed by the same table.
+    pub fn matmul_packed(
+        &self,
+        pool: &Pool,
+        w: &PackedMatrix,
+        x: &[f32],
+        n_tokens: usize,
+        y: &mut [f32],
+        scratch: &mut Scratch,
+    ) -> Result<(), KernelError> {
+        if w.isa != self.isa {
+            return Err(KernelError::Invalid(
+                "matmul_packed: matrix was packed for another ISA level",
+            ));
+        }
+        if let Some(m) = w.as_qmatrix() {
+            return self.matmul(pool, &m, x, n_tokens, y, scratch);
+        }
+        match self.packed {
+            Some(f) => f(
+                self, pool, w.ty, w.rows, w.cols, &w.data, x, n_tokens, y, scratch,
+            ),
+            None => Err(KernelError::Invalid("matmul_packed: no packed kernel")),
+        }
+    }
+}
+
+/// The packed matmul of an ISA level: `(kernels, pool, ty, rows, cols, interleaved data, x, n_tokens, y,
+/// scratch)`. Implementations check `x` and `y` lengths.
+pub(crate) type PackedMatmulFn = fn(
+    &Kernels,
+    &Pool,
+    GgmlType,
+    usize,
+    usize,
+    &[u8],
+    &[f32],
+    usize,
+    &mut [f32],
+    &mut Scratch,
+) -> Result<(), KernelError>;
+
+/// `y = W x` for a [`PackedMatrix`], with the kernels that packed it (see [`super::matmul`] for the
+/// semantics, which are the same up to float summation order).
+pub fn matmul_packed(
+    pool: &Pool,
+    w: &PackedMatrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+) -> Result<(), KernelError> {
+    let k = Kernels::for_isa(w.isa).ok_or(KernelError::Invalid(
+        "matmul_packed: matrix was packed for an ISA this CPU lacks",
+    ))?;
+    k.matmul_packed(pool, w, x, n_tokens, y, scratch)
+}
+
+/// Shape checks shared by packed implementations.
+pub(crate) fn check_io(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    y: &[f32],
+) -> Result<(), KernelError> {
+    check_len(
+        "matmul input length (n_tokens * cols)",
+        n_tokens * cols,
+        x.len(),
+    )?;
+    check_len(
+        "matmul output length (n_tokens * rows)",
+        n_tokens * rows,
+        y.len(),
+    )
+}

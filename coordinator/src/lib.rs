@@ -2,8 +2,10 @@
 //!
 //! - [`tokenizer`]: text ↔ token ids from GGUF metadata or `tokenizer.json`, special tokens, streaming decode.
 //! - [`chat`]: chat templates (Jinja, Hugging Face semantics) rendering messages into a prompt.
+//! - [`generate`]: single-sequence generation on a local engine (`tessera run`).
 //! - [`sampling`]: request sampling parameters, their validation, the token sampler and stop strings.
 pub mod chat;
+pub mod generate;
 pub mod sampling;
 pub mod tokenizer;
 

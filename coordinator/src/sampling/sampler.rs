@@ -3,8 +3,8 @@
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 
-use tessera_kernels::softmax_reduce;
 use super::{Rng, SamplingError, SamplingParams};
+use tessera_kernels::softmax_reduce;
 
 /// One chosen token.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,318 @@
+//! `Engine`: one shard's weights, the model config and shard spec, the tensor-parallel communicator, a kernel
+//! thread pool and every activation buffer, preallocated for the largest batch (llama2.c's `RunState`). The
+//! forward pass itself is in `forward.rs`.
+//!
+//! Nothing is allocated per token: buffers are sized here for `max_batch_tokens` tokens and `max_logits`
+//! logit rows; the kernels' [`Scratch`] and the RoPE angle cache grow on the first call and are reused.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use shard_tool::config::ModelConfig;
+use shard_tool::plan::ShardSpec;
+use tessera_kernels::cpu::{AttnShape, Pool, RopeCache, Scratch};
+
+use crate::batch::Batch;
+use crate::collective::Collective;
+use crate::error::{Error, Result};
+use crate::kv_cache::{KvCache, KvType};
+use crate::weights::{Weights, spec_layers};
+
+/// Sizes the engine's buffers are allocated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Most tokens in one batch, all sequences together (prefill chunks and decode tokens).
+    pub max_batch_tokens: usize,
+    /// Most tokens that ask for logits in one batch (the logits buffer is `max_logits × vocab slice`).
+    pub max_logits: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            max_batch_tokens: 512,
+            max_logits: 64,
+        }
+    }
+}
+
+/// Activations, preallocated for `max_batch_tokens` tokens (`T`) and `max_logits` logit rows (`L`). `E` is
+/// n_embd; `Q`, `K`, `F`, `V` are this rank's query heads × head_dim, KV heads × head_dim, FFN rows and
+/// vocabulary rows. Rows are tokens, row-major.
+#[derive(Debug)]
+pub(crate) struct Buffers {
+    /// [T, E] residual stream.
+    pub x: Vec<f32>,
+    /// [T, E] normed input of a sub-block, then this rank's partial output projection before the all-reduce.
+    pub xb: Vec<f32>,
+    /// [T, Q] queries (after RoPE).
+    pub q: Vec<f32>,
+    /// [T, K] keys (after RoPE), before they go to the caches.
+    pub k: Vec<f32>,
+    /// [T, K] values.
+    pub v: Vec<f32>,
+    /// [T, Q] attention output of this rank's heads.
+    pub att: Vec<f32>,
+    /// [T, F] gate projection, then silu(gate) · up.
+    pub gate: Vec<f32>,
+    /// [T, F] up projection.
+    pub up: Vec<f32>,
+    /// [L, E] final-normed hidden states of the tokens that asked for logits.
+    pub xl: Vec<f32>,
+    /// [L, V] logits of this rank's vocabulary slice.
+    pub logits: Vec<f32>,
+    /// [T] RoPE cos/sin of each token's position (computed once per batch, used by every layer).
+    pub rope: Vec<RopeCache>,
+    /// Quantized activations for matmul.
+    pub scratch: Scratch,
+    /// [threads, ctx] attention scores over an f32 cache (grown to the largest cache seen; unused with f16).
+    pub scores: Vec<f32>,
+}
+
+/// One shard of a Llama-family model, ready to run batches. See the crate doc.
+pub struct Engine<'m> {
+    pub weights: Weights<'m>,
+    pub config: ModelConfig,
+    pub spec: ShardSpec,
+    pub(crate) collective: Box<dyn Collective>,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) buffers: Buffers,
+    pub(crate) options: EngineOptions,
+    /// Heads of one attention call on this rank (local query and KV heads).
+    pub(crate) attn: AttnShape,
+}
+
+impl<'m> Engine<'m> {
+    /// An engine for the shard `spec` of the model `config`, whose tensors are `weights`. `collective` is this
+    /// rank's view of its tensor-parallel group (its rank must be `spec.rank`); `pool` runs the kernels and
+    /// may be shared with other engines of the process.
+    pub fn new(
+        weights: Weights<'m>,
+        config: ModelConfig,
+        spec: ShardSpec,
+        collective: Box<dyn Collective>,
+        pool: Arc<Pool>,
+        options: EngineOptions,
+    ) -> Result<Self> {
+        let spec_err = |msg: String| Error::Spec {
+            stage: spec.stage,
+            rank: spec.rank,
+            msg,
+        };
+        let layers = spec_layers(&config, &spec)?;
+        if weights.layers != layers {
+            return Err(spec_err(format!(
+                "weights hold layers {:?}, the spec {layers:?}",
+                weights.layers
+            )));
+        }
+        if collective.rank() != spec.rank || collective.rank() >= collective.world_size() {
+            return Err(spec_err(format!(
+                "the collective is rank {} of {}, the shard is rank {}",
+                collective.rank(),
+                collective.world_size(),
+                spec.rank
+            )));
+        }
+        if options.max_batch_tokens == 0 {
+            return Err(spec_err("max_batch_tokens must be at least 1".into()));
+        }
+        let attn = attn_shape(&config, &spec).map_err(spec_err)?;
+        let hd = config.head_dim;
+        let (t, e) = (options.max_batch_tokens, config.n_embd);
+        let (q, k, f) = (
+            spec.q_heads.len() * hd,
+            spec.kv_heads.len() * hd,
+            spec.ffn_rows.len(),
+        );
+        let l = if weights.is_last {
+            options.max_logits
+        } else {
+            0
+        };
+        let vocab = spec.vocab_rows.len();
+        let buffers = Buffers {
+            x: vec![0.0; t * e],
+            xb: vec![0.0; t * e],
+            q: vec![0.0; t * q],
+            k: vec![0.0; t * k],
+            v: vec![0.0; t * k],
+            att: vec![0.0; t * q],
+            gate: vec![0.0; t * f],
+            up: vec![0.0; t * f],
+            xl: vec![0.0; l * e],
+            logits: vec![0.0; l * vocab],
+            rope: vec![RopeCache::new(); t],
+            scratch: Scratch::new(),
+            scores: Vec::new(),
+        };
+        Ok(Engine {
+            weights,
+            config,
+            spec,
+            collective,
+            pool,
+            buffers,
+            options,
+            attn,
+        })
+    }
+
+    pub fn options(&self) -> EngineOptions {
+        self.options
+    }
+
+    /// Global indices of the layers this shard runs.
+    pub fn layers(&self) -> Range<usize> {
+        self.weights.layers.clone()
+    }
+
+    /// The vocabulary rows of this rank's logits (last stage).
+    pub fn vocab_rows(&self) -> Range<usize> {
+        self.spec.vocab_rows.clone()
+    }
+
+    pub fn collective(&self) -> &dyn Collective {
+        self.collective.as_ref()
+    }
+
+    /// An f16 KV cache for one sequence of up to `ctx` tokens on this shard (see [`KvCache::new`]).
+    pub fn new_cache(&self, ctx: usize, budget_bytes: Option<u64>) -> Result<KvCache> {
+        KvCache::new(&self.config, &self.spec, ctx, budget_bytes)
+    }
+
+    /// As [`Engine::new_cache`], with elements of type `ty`.
+    pub fn new_cache_of(
+        &self,
+        ctx: usize,
+        ty: KvType,
+        budget_bytes: Option<u64>,
+    ) -> Result<KvCache> {
+        KvCache::with_type(&self.config, &self.spec, ctx, ty, budget_bytes)
+    }
+
+    /// Checks `batch` and `caches` against this engine and returns the number of tokens.
+    pub(crate) fn check_batch(&self, batch: &Batch, caches: &[&mut KvCache]) -> Result<usize> {
+        let err = |msg: String| Err(Error::Batch(msg));
+        if caches.len() != batch.seqs.len() {
+            return err(format!(
+                "{} sequences but {} KV caches",
+                batch.seqs.len(),
+                caches.len()
+            ));
+        }
+        let n = batch.n_tokens();
+        if n == 0 {
+            return err("no tokens".into());
+        }
+        if n > self.options.max_batch_tokens {
+            return err(format!(
+                "{n} tokens, but the engine's buffers hold at most {} (max_batch_tokens)",
+                self.options.max_batch_tokens
+            ));
+        }
+        if batch.logits.len() != n {
+            return err(format!("{} logit flags for {n} tokens", batch.logits.len()));
+        }
+        let n_logits = batch.n_logits();
+        if self.weights.is_last && n_logits > self.options.max_logits {
+            return err(format!(
+                "{n_logits} tokens ask for logits, but the engine holds at most {} rows (max_logits)",
+                self.options.max_logits
+            ));
+        }
+        let e = self.config.n_embd;
+        if self.weights.is_first {
+            if batch.tokens.len() != n || !batch.hidden.is_empty() {
+                return err(format!(
+                    "the first stage takes {n} token ids, got {} ids and {} hidden values",
+                    batch.tokens.len(),
+                    batch.hidden.len()
+                ));
+            }
+            if let Some((i, &id)) = batch
+                .tokens
+                .iter()
+                .enumerate()
+                .find(|(_, id)| **id as usize >= self.config.n_vocab)
+            {
+                return err(format!(
+                    "token {i} is id {id}, outside the vocabulary of {}",
+                    self.config.n_vocab
+                ));
+            }
+        } else if batch.hidden.len() != n * e || !batch.tokens.is_empty() {
+            return err(format!(
+                "stage {} takes hidden states ({n} tokens × n_embd {e} = {} values), got {} values and {} \
+                 token ids",
+                self.spec.stage,
+                n * e,
+                batch.hidden.len(),
+                batch.tokens.len()
+            ));
+        }
+        for (i, (s, cache)) in batch.seqs.iter().zip(caches).enumerate() {
+            if s.n_tokens == 0 {
+                return err(format!("sequence {i} has no tokens"));
+            }
+            if !cache.fits(
+                &self.weights.layers,
+                &self.spec.kv_heads,
+                self.config.head_dim,
+            ) {
+                return err(format!(
+                    "sequence {i}: its KV cache is for layers {:?} and KV heads {:?}, this shard has {:?} and \
+                     {:?}",
+                    cache.layers(),
+                    cache.kv_heads(),
+                    self.weights.layers,
+                    self.spec.kv_heads
+                ));
+            }
+            if s.start_pos > cache.len() {
+                return err(format!(
+                    "sequence {i} starts at position {}, but its cache holds only positions 0..{}",
+                    s.start_pos,
+                    cache.len()
+                ));
+            }
+            if s.start_pos + s.n_tokens > cache.ctx() {
+                return err(format!(
+                    "sequence {i}: positions {}..{} exceed its KV cache's context of {}",
+                    s.start_pos,
+                    s.start_pos + s.n_tokens,
+                    cache.ctx()
+                ));
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The local attention shape, after checking that the kernel's GQA mapping (local query head `h` reads local
+/// KV head `h / (n_q / n_kv)`) is the model's (global query head `g` reads KV head `g / q_per_kv`) for this
+/// rank's heads. It is for every split the planner makes: whole KV groups, or one replicated KV head.
+fn attn_shape(config: &ModelConfig, spec: &ShardSpec) -> std::result::Result<AttnShape, String> {
+    let (nq, nkv) = (spec.q_heads.len(), spec.kv_heads.len());
+    if nkv == 0 || !nq.is_multiple_of(nkv) {
+        return Err(format!(
+            "{nq} query heads cannot share {nkv} KV heads evenly"
+        ));
+    }
+    let group = nq / nkv;
+    let q_per_kv = config.q_per_kv();
+    for (local, g) in spec.q_heads.clone().enumerate() {
+        let want = g / q_per_kv;
+        let got = spec.kv_heads.start + local / group;
+        if want != got {
+            return Err(format!(
+                "query head {g} reads KV head {want}, but this rank's head layout would give it KV head {got}"
+            ));
+        }
+    }
+    Ok(AttnShape {
+        n_heads: nq,
+        n_kv_heads: nkv,
+        head_dim: config.head_dim,
+    })
+}

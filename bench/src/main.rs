@@ -1,1 +1,93 @@
-fn main() {}
+//! `engine-bench`: Tessera's engine measured the way `llama-bench` measures llama.cpp, so the two can run
+//! side by side on the same file (bench/engine.sh): `pp` = one batch of N prompt tokens into an empty
+//! context; `tg` = N single-token decode steps from an empty context. Prints tokens/s per repetition.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use shard_tool::checkpoint::Checkpoint;
+use shard_tool::plan::{Topology, plan};
+use tessera_kernels::cpu::Pool;
+use tessera_worker::{Batch, Engine, EngineOptions, Logits, SingleRank, Weights};
+
+#[derive(Parser)]
+#[command(about = "Prefill and decode tokens/s of the Tessera engine, llama-bench style")]
+struct Args {
+    model: PathBuf,
+    /// Prompt tokens processed in one batch (llama-bench -p).
+    #[arg(short = 'p', long, default_value_t = 512)]
+    prompt: usize,
+    /// Tokens generated one at a time (llama-bench -n).
+    #[arg(short = 'n', long, default_value_t = 128)]
+    n_gen: usize,
+    #[arg(short = 't', long, default_value_t = 2)]
+    threads: usize,
+    #[arg(short = 'r', long, default_value_t = 3)]
+    reps: usize,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let ckpt = Checkpoint::open(std::slice::from_ref(&args.model)).context("opening the model")?;
+    let spec = plan(&ckpt.config, &ckpt.tensors, &Topology::new(1, 1))?
+        .shards
+        .remove(0);
+    let weights = Weights::from_checkpoint(&ckpt, &spec)?;
+    let pool = Arc::new(Pool::new(args.threads));
+    let options = EngineOptions {
+        max_batch_tokens: args.prompt.max(1),
+        max_logits: 1,
+    };
+    let mut engine = Engine::new(
+        weights,
+        ckpt.config.clone(),
+        spec,
+        Box::new(SingleRank),
+        pool,
+        options,
+    )?;
+    let ctx = args.prompt.max(args.n_gen) + 1;
+    let mut cache = engine.new_cache(ctx, None)?;
+    // Fixed pseudo-random token ids, like llama-bench's random prompt.
+    let vocab = ckpt.config.n_vocab as u64;
+    let tokens: Vec<u32> = (0..args.prompt as u64)
+        .map(|i| ((i * 2_654_435_761 + 12_345) % vocab) as u32)
+        .collect();
+    let mut batch = Batch::with_capacity(args.prompt.max(1), 0, 1);
+    let name = args
+        .model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // One warm-up of each (llama-bench also warms up).
+    for rep in 0..=args.reps {
+        if args.prompt > 0 {
+            cache.clear();
+            batch.clear();
+            batch.push_tokens(0, &tokens, Logits::Last);
+            let t = Instant::now();
+            engine.forward(&batch, &mut [&mut cache])?;
+            let s = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                println!("{name}\tpp{}\t{:.2}", args.prompt, args.prompt as f64 / s);
+            }
+        }
+        if args.n_gen > 0 {
+            cache.clear();
+            let t = Instant::now();
+            for pos in 0..args.n_gen {
+                batch.clear();
+                batch.push_tokens(pos, &[tokens.get(pos).copied().unwrap_or(1)], Logits::Last);
+                engine.forward(&batch, &mut [&mut cache])?;
+            }
+            let s = t.elapsed().as_secs_f64();
+            if rep > 0 {
+                println!("{name}\ttg{}\t{:.2}", args.n_gen, args.n_gen as f64 / s);
+            }
+        }
+    }
+    Ok(())
+}

@@ -215,7 +215,11 @@ fn matmul(
     y: &mut [f32],
     scratch: &mut Scratch,
 ) -> Result<()> {
-    cpu::matmul(pool, &qmatrix(w)?, x, n, y, scratch).map_err(kernel(&w.name))
+    match &w.packed {
+        Some(p) => cpu::matmul_packed(pool, p, x, n, y, scratch),
+        None => cpu::matmul(pool, &qmatrix(w)?, x, n, y, scratch),
+    }
+    .map_err(kernel(&w.name))
 }
 
 fn qmatrix<'a>(w: &'a Matrix<'_>) -> Result<QMatrix<'a>> {

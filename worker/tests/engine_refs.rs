@@ -24,18 +24,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use serde_json::Value;
 use tessera_worker::{Batch, KvType, Logits};
-
-fn models_dir() -> Option<PathBuf> {
-    std::env::var_os("TESSERA_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/tessera")))
-        .map(|c| c.join("models"))
-}
 
 fn read_f32(path: &Path) -> Vec<f32> {
     std::fs::read(path)

@@ -18,10 +18,7 @@ const PROMPT: [u32; 5] = [504, 3575, 282, 4649, 314];
 const GREEDY: [usize; 5] = [29, 282, 260, 314, 7042];
 
 fn model(kind: &str) -> Option<PathBuf> {
-    let cache = std::env::var_os("TESSERA_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/tessera")))?;
-    Some(cache.join(format!("models/SmolLM2-135M-Instruct.{kind}.gguf"))).filter(|p| p.is_file())
+    Some(models_dir()?.join(format!("SmolLM2-135M-Instruct.{kind}.gguf"))).filter(|p| p.is_file())
 }
 
 #[test]

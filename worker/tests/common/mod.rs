@@ -14,6 +14,15 @@ use tessera_worker::{
     Batch, Collective, Engine, EngineOptions, KvCache, KvType, Logits, SingleRank, Weights,
 };
 
+/// `$TESSERA_CACHE/models` (default `~/.cache/tessera/models`), where `scripts/prepare-engine-models.sh`
+/// puts the reference models.
+pub fn models_dir() -> Option<PathBuf> {
+    std::env::var_os("TESSERA_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/tessera")))
+        .map(|c| c.join("models"))
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }

@@ -30,7 +30,7 @@ const BF16_SHIFT: u8 = 2;
 const BF16_DP: u8 = 3;
 
 /// Tokens per prefill tile.
-const T_TILE: usize = 8;
+const T_TILE: usize = 4;
 
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
@@ -59,15 +59,15 @@ unsafe fn float_tile<const KIND: u8, const T: usize>(
     out_stride: usize,
     valid: usize,
 ) {
-    // Independent accumulator sets: with one token, a single chain would wait on each FMA's latency.
+    // Independent accumulator sets (step `s` goes to set `s % SETS`), for every tile width: a token's sums
+    // are then added in the same order whether it is computed alone or in a tile with others, so a
+    // sequence's logits do not depend on what else is in its batch (the server batches unrelated requests).
     const SETS: usize = 4;
-    let sets = const { if T == 1 { SETS } else { 1 } };
     let mut acc = [[_mm512_setzero_ps(); T]; SETS];
-    let mut acc2 = [[_mm512_setzero_ps(); T]; SETS];
     // `u` runs over a constant range, so the sets stay in registers.
     let mut s0 = 0;
     while s0 < steps {
-        for u in 0..sets {
+        for (u, acc_u) in acc.iter_mut().enumerate() {
             let s = s0 + u;
             if s >= steps {
                 break;
@@ -81,20 +81,20 @@ unsafe fn float_tile<const KIND: u8, const T: usize>(
                         } else {
                             _mm512_cvtph_ps(_mm256_loadu_si256(w.add(32 * s).cast()))
                         };
-                        for t in 0..T {
+                        for (t, acc_t) in acc_u.iter_mut().enumerate() {
                             let x = _mm512_set1_ps(
                                 a.add(t * a_stride + 4 * s).cast::<f32>().read_unaligned(),
                             );
-                            acc[u][t] = _mm512_fmadd_ps(wv, x, acc[u][t]);
+                            *acc_t = _mm512_fmadd_ps(wv, x, *acc_t);
                         }
                     }
                     _ => {
                         // Lane r: (row r, column 2s) in the low half, (row r, column 2s+1) in the high half.
                         let wv = _mm512_loadu_si512(w.add(64 * s).cast());
-                        for t in 0..T {
+                        for (t, acc_t) in acc_u.iter_mut().enumerate() {
                             let p = a.add(t * a_stride + 4 * s).cast::<i32>().read_unaligned();
                             if KIND == BF16_DP {
-                                acc[u][t] = bf16_dp(acc[u][t], wv, _mm512_set1_epi32(p));
+                                *acc_t = bf16_dp(*acc_t, wv, _mm512_set1_epi32(p));
                             } else {
                                 let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wv));
                                 let odd = _mm512_castsi512_ps(_mm512_and_si512(
@@ -103,23 +103,22 @@ unsafe fn float_tile<const KIND: u8, const T: usize>(
                                 ));
                                 let x0 = _mm512_set1_ps(f32::from_bits((p as u32) << 16));
                                 let x1 = _mm512_set1_ps(f32::from_bits(p as u32 & 0xffff_0000));
-                                acc[u][t] = _mm512_fmadd_ps(even, x0, acc[u][t]);
-                                acc2[u][t] = _mm512_fmadd_ps(odd, x1, acc2[u][t]);
+                                *acc_t = _mm512_fmadd_ps(even, x0, *acc_t);
+                                *acc_t = _mm512_fmadd_ps(odd, x1, *acc_t);
                             }
                         }
                     }
                 }
             }
         }
-        s0 += sets;
+        s0 += SETS;
     }
-    for u in 1..sets {
+    let mut sum = acc[0];
+    for acc_u in &acc[1..] {
         for t in 0..T {
-            acc[0][t] = _mm512_add_ps(acc[0][t], acc[u][t]);
-            acc2[0][t] = _mm512_add_ps(acc2[0][t], acc2[u][t]);
+            sum[t] = _mm512_add_ps(sum[t], acc_u[t]);
         }
     }
-    let (acc, acc2) = (acc[0], acc2[0]);
     let k: __mmask16 = if valid >= GROUP {
         0xffff
     } else {
@@ -127,9 +126,7 @@ unsafe fn float_tile<const KIND: u8, const T: usize>(
     };
     for t in 0..T {
         // SAFETY: the first `valid` outputs of each token row are writable (caller contract).
-        unsafe {
-            _mm512_mask_storeu_ps(out.add(t * out_stride), k, _mm512_add_ps(acc[t], acc2[t]))
-        };
+        unsafe { _mm512_mask_storeu_ps(out.add(t * out_stride), k, sum[t]) };
     }
 }
 
@@ -187,13 +184,13 @@ macro_rules! tiles {
 
 tiles! {
     f32_t1: F32, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    f32_t8: F32, 8, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    f32_t4: F32, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
     f16_t1: F16, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    f16_t8: F16, 8, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    f16_t4: F16, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
     bf16s_t1: BF16_SHIFT, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    bf16s_t8: BF16_SHIFT, 8, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    bf16s_t4: BF16_SHIFT, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
     bf16d_t1: BF16_DP, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
-    bf16d_t8: BF16_DP, 8, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
+    bf16d_t4: BF16_DP, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
 }
 
 /// The packed float matmul, called by the VNNI level's packed matmul for F32/F16/BF16.
@@ -241,11 +238,11 @@ fn matmul_with(
     if n_tokens == 0 || rows == 0 {
         return Ok(());
     }
-    let (t1, t8): (FloatTileFn, FloatTileFn) = match ty {
-        GgmlType::F32 => (f32_t1, f32_t8),
-        GgmlType::F16 => (f16_t1, f16_t8),
-        _ if dp => (bf16d_t1, bf16d_t8),
-        _ => (bf16s_t1, bf16s_t8),
+    let (t1, t4): (FloatTileFn, FloatTileFn) = match ty {
+        GgmlType::F32 => (f32_t1, f32_t4),
+        GgmlType::F16 => (f16_t1, f16_t4),
+        _ if dp => (bf16d_t1, bf16d_t4),
+        _ => (bf16s_t1, bf16s_t4),
     };
     // Activations: F32 as given, F16 rounded through f16 (kept as f32 for broadcasting), BF16 as bf16.
     let mut act = std::mem::take(&mut scratch.act);
@@ -295,7 +292,7 @@ fn matmul_with(
                 let mut t = t_lo;
                 while t < t_hi {
                     let (f, step) = if t + T_TILE <= t_hi {
-                        (t8, T_TILE)
+                        (t4, T_TILE)
                     } else {
                         (t1, 1)
                     };

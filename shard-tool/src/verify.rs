@@ -66,6 +66,22 @@ fn check_file(dir: &Path, entry: &FileEntry, bar: &indicatif::ProgressBar) -> Re
     Ok(())
 }
 
+/// Checks the size and xxh3 of one shard file, (stage, rank) of `dir`, against the manifest: what a worker
+/// does before it serves that shard (reading every byte, which also warms the page cache).
+pub fn verify_shard_file(dir: &Path, stage: usize, rank: usize, progress: bool) -> Result<()> {
+    let manifest = Manifest::load(dir)?;
+    let Some(shard) = manifest.shard(stage, rank) else {
+        return Err(mismatch(
+            &dir.join(crate::manifest::MANIFEST_NAME),
+            format!("no file listed for stage {stage} rank {rank}"),
+        ));
+    };
+    let bar = progress_bar(progress, shard.entry.bytes, "checksum");
+    let result = check_file(dir, &shard.entry, &bar);
+    bar.finish_and_clear();
+    result
+}
+
 /// Verifies `dir`; with `source`, also every slice against the source checkpoint.
 pub fn verify(dir: &Path, source: Option<&Checkpoint>, progress: bool) -> Result<VerifyReport> {
     let manifest = Manifest::load(dir)?;

@@ -7,7 +7,8 @@
 //! - [`SingleRank`]: world size 1, a no-op (single-process generation is the same engine).
 //! - [`LocalGroup`]: ranks as threads of one process, a barrier-based all-reduce. A test double for the
 //!   tensor-parallel equivalence tests, and for the cluster's own tests.
-//! - gRPC/TCP between CPU hosts and NCCL between GPUs live with the cluster code and implement the same trait.
+//! - [`crate::peer::PeerGroup`]: ranks as worker processes, TCP links. NCCL between GPUs would implement the
+//!   same trait.
 //!
 //! Every rank must receive the same result bit for bit (ranks then stay in lockstep on identical hidden
 //! states); `LocalGroup` guarantees it by summing contributions in rank order on every rank.

@@ -176,6 +176,25 @@ impl<'m> Engine<'m> {
         self.collective.as_ref()
     }
 
+    /// Replaces the tensor-parallel communicator (a worker re-forms its group at every epoch). Its rank must
+    /// be this shard's rank, as in [`Engine::new`].
+    pub fn set_collective(&mut self, c: Box<dyn Collective>) -> Result<()> {
+        if c.rank() != self.spec.rank || c.rank() >= c.world_size() {
+            return Err(Error::Spec {
+                stage: self.spec.stage,
+                rank: self.spec.rank,
+                msg: format!(
+                    "the new collective is rank {} of {}, the shard is rank {}",
+                    c.rank(),
+                    c.world_size(),
+                    self.spec.rank
+                ),
+            });
+        }
+        self.collective = c;
+        Ok(())
+    }
+
     /// An f16 KV cache for one sequence of up to `ctx` tokens on this shard (see [`KvCache::new`]).
     pub fn new_cache(&self, ctx: usize, budget_bytes: Option<u64>) -> Result<KvCache> {
         KvCache::new(&self.config, &self.spec, ctx, budget_bytes)

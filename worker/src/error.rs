@@ -33,6 +33,10 @@ pub enum Error {
     /// A KV cache request that does not fit (context or memory budget), with the numbers.
     #[error("KV cache: {0}")]
     KvCache(String),
+    /// The sequences' KV caches together would exceed the worker's KV memory budget (a server at capacity,
+    /// not a malformed request: the caller may retry once sequences are released).
+    #[error("KV memory: {0}")]
+    KvMemory(String),
     /// A kernel refused its arguments (an engine bug or a shard the checks above missed); names the op.
     #[error("{op}: {source}")]
     Kernel {

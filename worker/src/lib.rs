@@ -3,11 +3,19 @@
 //!
 //! - [`weights`]: the shard's tensors as views into the memory-mapped checkpoint or shard file.
 //! - [`collective`]: the all-reduce the forward pass calls at the three Megatron points; `SingleRank`,
-//!   `LocalGroup` (threads).
+//!   `LocalGroup` (threads); `PeerGroup` (processes) is in [`peer`].
 //! - [`kv_cache`]: per-sequence K/V cache (f16, or f32 for reference comparisons), sized and checked up front.
 //! - [`batch`]: the input (token ids or hidden states, several sequences) and output (hidden states or logits).
 //! - [`engine`]: `Engine::forward`, the llama.cpp `llama` architecture's math on the kernels in
 //!   `tessera_kernels::cpu`.
+//! - [`sequences`]: `Sequences`, the engine keyed by sequence id (creates, checks, budgets and releases the
+//!   KV caches); the one batch runner of both the worker service and the coordinator's in-process pipeline.
+//! - [`peer`]: `PeerGroup`, the tensor-parallel all-reduce between worker processes over raw TCP links (the
+//!   framing at the end of `worker.proto`).
+//! - [`service`]: `WorkerService`, the `tessera.worker.v1.Worker` gRPC service: one engine thread, epochs,
+//!   error codes.
+//! - [`cli`]: `WorkerArgs` and `run`, the `tessera-worker` command line (also the coordinator's hidden
+//!   `tessera worker`).
 //!
 //! Single-process generation is this engine with one stage, one rank and [`collective::SingleRank`]:
 //!
@@ -31,11 +39,15 @@
 //! ```
 mod attention_f32; // TODO(kernels): f32-cache attention stand-in
 pub mod batch;
+pub mod cli;
 pub mod collective;
 pub mod engine;
 pub mod error;
 mod forward;
 pub mod kv_cache;
+pub mod peer;
+pub mod sequences;
+pub mod service;
 pub mod weights;
 
 pub use batch::{Batch, Logits, Output, SeqSpan};
@@ -43,4 +55,6 @@ pub use collective::{Collective, CollectiveError, LocalGroup, SingleRank};
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
 pub use kv_cache::{KvCache, KvType};
+pub use peer::{AllReduceStats, PeerGroup, PeerListener};
+pub use sequences::{SeqInput, Sequences};
 pub use weights::{LayerWeights, Matrix, ShardDir, Weights};

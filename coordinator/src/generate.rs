@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use tessera_worker::{Batch, Engine, KvCache, Logits};
 use thiserror::Error;
 
-use crate::sampling::{Sampler, SamplingError, SamplingParams, StopMatcher};
-use crate::tokenizer::Tokenizer;
+use crate::sampling::{SampledToken, Sampler, SamplingError, SamplingParams, StopMatcher};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(Debug, Error)]
 pub enum GenerateError {
@@ -71,10 +71,7 @@ pub fn generate(
             ctx,
         });
     }
-    let mut sampler = Sampler::new(params.clone(), engine.config.n_vocab)?;
-    sampler.observe(prompt);
-    let mut stops = StopMatcher::new(&params.stop);
-    let mut decoder = tokenizer.stream_decoder(true);
+    let mut state = DecodeState::new(params, engine.config.n_vocab, prompt, ctx)?;
     let chunk = engine.options().max_batch_tokens;
     let mut batch = Batch::with_capacity(chunk, 0, 1);
 
@@ -88,7 +85,7 @@ pub fn generate(
         let out = engine.forward(&batch, &mut [&mut *cache])?;
         if last {
             let logits = out.logits().ok_or(GenerateError::NotWholeModel)?;
-            next = sampler.sample(logits)?.id;
+            next = state.sample(logits)?.id;
         }
         pos += piece.len();
     }
@@ -97,43 +94,26 @@ pub fn generate(
     let decode_started = Instant::now();
     let mut tokens = Vec::new();
     let mut text = String::new();
-    let max_tokens = params.max_tokens.unwrap_or(usize::MAX);
     let finish = loop {
-        if tokenizer.is_eog(next) {
-            break FinishReason::Stop;
+        let step = state.accept(tokenizer, next);
+        if step.is_token {
+            tokens.push(next);
+            on_text(&step.text);
+            text.push_str(&step.text);
         }
-        tokens.push(next);
-        let out = stops.push(&decoder.push(tokenizer, next));
-        on_text(&out.text);
-        text.push_str(&out.text);
-        if out.stopped.is_some() {
-            break FinishReason::Stop;
-        }
-        if tokens.len() >= max_tokens || pos + 1 >= ctx {
-            break FinishReason::Length;
+        if let Some(finish) = step.finish {
+            break finish;
         }
         batch.clear();
         batch.push_tokens(pos, &[next], Logits::Last);
         let out = engine.forward(&batch, &mut [&mut *cache])?;
         let logits = out.logits().ok_or(GenerateError::NotWholeModel)?;
-        next = sampler.sample(logits)?.id;
+        next = state.sample(logits)?.id;
         pos += 1;
     };
-    if stops.stopped().is_none() {
-        let tail = decoder.finish();
-        let out = stops.push(&tail);
-        let rest = format!(
-            "{}{}",
-            out.text,
-            if out.stopped.is_none() {
-                stops.finish()
-            } else {
-                String::new()
-            }
-        );
-        on_text(&rest);
-        text.push_str(&rest);
-    }
+    let rest = state.finish();
+    on_text(&rest);
+    text.push_str(&rest);
     Ok(Generation {
         tokens,
         text,
@@ -142,4 +122,110 @@ pub fn generate(
         prefill_time,
         decode_time: decode_started.elapsed(),
     })
+}
+
+/// One sequence's way from logits to text: its sampler (seeded, with the penalties' counts), end-of-generation
+/// tokens, stop strings, the streaming detokenizer, `max_tokens` and the context limit. [`generate`] and the
+/// serving scheduler both drive sequences through it, so a request ends the same way (same tokens, same text,
+/// same finish reason) whether it runs alone here or batched with others in a server.
+#[derive(Debug, Clone)]
+pub struct DecodeState {
+    sampler: Sampler,
+    stops: StopMatcher,
+    decoder: StreamDecoder,
+    prompt_len: usize,
+    ctx: usize,
+    max_tokens: usize,
+    generated: usize,
+}
+
+/// What [`DecodeState::accept`] makes of one sampled token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The token is part of the output; false for an end-of-generation token, which is never emitted.
+    pub is_token: bool,
+    /// Text that became final with this token (may be empty).
+    pub text: String,
+    /// `Some` when generation ends with this token; call [`DecodeState::finish`] for the held-back text.
+    pub finish: Option<FinishReason>,
+}
+
+impl DecodeState {
+    /// A sequence of `prompt` whose KV cache holds `ctx` positions, over `n_vocab` logits. Validates `params`.
+    pub fn new(
+        params: &SamplingParams,
+        n_vocab: usize,
+        prompt: &[u32],
+        ctx: usize,
+    ) -> Result<DecodeState, SamplingError> {
+        let mut sampler = Sampler::new(params.clone(), n_vocab)?;
+        sampler.observe(prompt);
+        Ok(DecodeState {
+            sampler,
+            stops: StopMatcher::new(&params.stop),
+            decoder: StreamDecoder::new(true),
+            prompt_len: prompt.len(),
+            ctx,
+            max_tokens: params.max_tokens.unwrap_or(usize::MAX),
+            generated: 0,
+        })
+    }
+
+    /// Chooses the next token from one full-vocabulary logits row.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, SamplingError> {
+        self.sampler.sample(logits)
+    }
+
+    /// Takes the sampled token `id`: decodes its text through the stop strings and says whether generation
+    /// ends here (end-of-generation token or stop string: `Stop`; `max_tokens` or a full context: `Length`).
+    pub fn accept(&mut self, tokenizer: &Tokenizer, id: u32) -> Accepted {
+        if tokenizer.is_eog(id) {
+            return Accepted {
+                is_token: false,
+                text: String::new(),
+                finish: Some(FinishReason::Stop),
+            };
+        }
+        self.generated += 1;
+        let out = self.stops.push(&self.decoder.push(tokenizer, id));
+        let finish = if out.stopped.is_some() {
+            Some(FinishReason::Stop)
+        } else if self.generated >= self.max_tokens
+            // The token just accepted sits at position prompt + generated - 1; the next would not fit.
+            || self.prompt_len + self.generated >= self.ctx
+        {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        Accepted {
+            is_token: true,
+            text: out.text,
+            finish,
+        }
+    }
+
+    /// Ends the sequence: the text held back (an unfinished character, a possible stop-string prefix) that
+    /// becomes final now. Empty after a stop string, whose match already cut the output.
+    pub fn finish(&mut self) -> String {
+        if self.stops.stopped().is_some() {
+            return String::new();
+        }
+        let tail = self.decoder.finish();
+        let out = self.stops.push(&tail);
+        if out.stopped.is_none() {
+            format!("{}{}", out.text, self.stops.finish())
+        } else {
+            out.text
+        }
+    }
+
+    /// Tokens accepted as output so far (end-of-generation tokens excluded).
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        self.sampler.params()
+    }
 }

@@ -1,8 +1,11 @@
-//! `tessera`: run Llama-family models. `tessera run` generates on this machine (llamafile-style `-p`
-//! completion); serving a cluster (`tessera serve`, `tessera cluster`) comes with the cluster work.
+//! `tessera`: run and serve Llama-family models. `tessera run` generates on this machine (llamafile-style
+//! `-p` completion); `tessera serve` serves one process's model or a cluster of workers over the OpenAI HTTP
+//! API and gRPC; `tessera cluster` starts the workers of a split model on this machine and serves them;
+//! `tessera worker` is the worker (also shipped as `tessera-worker`).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -13,7 +16,11 @@ use shard_tool::manifest::MANIFEST_NAME;
 use shard_tool::plan::{Topology, plan};
 use tessera::chat::{ChatMessage, ChatTemplate};
 use tessera::generate::generate;
+use tessera::launcher::{LaunchSpec, LocalCluster, prepare_shards};
 use tessera::sampling::SamplingParams;
+use tessera::serve::local::LocalPipeline;
+use tessera::serve::remote::{RemoteOptions, RemotePipeline, WorkerAddr};
+use tessera::serve::{Pipeline, SchedulerConfig};
 use tessera::tokenizer::Tokenizer;
 use tessera_kernels::cpu::Pool;
 use tessera_worker::{Engine, EngineOptions, ShardDir, SingleRank, Weights};
@@ -41,6 +48,138 @@ safetensors directory, or a shard directory holding a single shard (shard-tool s
 Example:\n  tessera run SmolLM2-135M-Instruct.Q4_1.gguf -p 'The capital of France is' -n 16 --temp 0"
     )]
     Run(RunArgs),
+    /// Serve a model over the OpenAI-compatible HTTP API and gRPC (tessera.v1).
+    #[command(after_help = SERVE_HELP)]
+    Serve(ServeArgs),
+    /// Split a model (or reuse its shards), start one worker process per shard on this machine, and serve.
+    #[command(after_help = CLUSTER_HELP)]
+    Cluster(ClusterArgs),
+    /// Serve one shard to a coordinator (the same program as `tessera-worker`).
+    #[command(hide = true)]
+    Worker(tessera_worker::cli::WorkerArgs),
+}
+
+const SERVE_HELP: &str = "Two ways to serve:\n\
+  In this process:  tessera serve MODEL.gguf --http 127.0.0.1:8080\n\
+  A cluster:        tessera serve --shards DIR --worker 10.0.0.2:7000 --worker 10.0.0.3:7000 …\n\
+\n\
+With --shards, the workers are given in stage-major order (stage 0 rank 0, stage 0 rank 1, …, stage 1 rank 0 …)\n\
+with --worker (repeatable, or comma-separated in TESSERA_WORKERS) or --workers-file (lines `STAGE RANK ADDR`, #\n\
+comments). The coordinator checks that each worker serves the shard it should, forms the tensor-parallel\n\
+groups, and re-forms them by itself when a worker comes back after a failure.\n\
+\n\
+Clients: POST /v1/chat/completions, /v1/completions (SSE with \"stream\": true), GET /v1/models, /health,\n\
+/metrics; gRPC tessera.v1.Tessera with reflection and grpc.health.v1.";
+
+const CLUSTER_HELP: &str = "Example (2 tensor-parallel ranks × 2 pipeline stages = 4 worker processes):\n\
+  tessera cluster SmolLM2-135M-Instruct.Q4_1.gguf --tp 2 --pp 2 --http 127.0.0.1:8080\n\
+  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n\
+    -d '{\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France?\"}]}'\n\
+\n\
+Shards are written to --shard-dir (default $TESSERA_CACHE/shards/NAME-tpT-ppP, reused when the source is\n\
+unchanged); MODEL may also be a shard directory. Workers listen on 127.0.0.2, 127.0.0.3, …; their logs are\n\
+in the shard directory's run/ folder. SIGINT/SIGTERM stops every process the launcher started.";
+
+/// Where the client-facing listeners go and how requests are scheduled (shared by serve and cluster).
+#[derive(clap::Args)]
+struct ListenArgs {
+    /// OpenAI-compatible HTTP listener ("off" to disable).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080",
+        env = "TESSERA_HTTP"
+    )]
+    http: String,
+    /// gRPC listener for tessera.v1 ("off" to disable).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:50051",
+        env = "TESSERA_GRPC"
+    )]
+    grpc: String,
+    /// Longest prompt + completion of one request, in tokens.
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+    /// Most sequences generating at once (continuous batching).
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+    /// Most requests waiting for a slot; more are refused with 429 / RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 256)]
+    max_queued: usize,
+    /// Write the bound addresses (`http=ADDR`, `grpc=ADDR`) to this file once listening (useful with port 0).
+    #[arg(long, value_name = "PATH")]
+    addr_file: Option<PathBuf>,
+}
+
+impl ListenArgs {
+    fn addr(value: &str, flag: &str) -> Result<Option<SocketAddr>> {
+        if value.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        value.parse().map(Some).with_context(|| {
+            format!("--{flag} {value}: expected HOST:PORT (an IP address) or `off`")
+        })
+    }
+
+    fn scheduler(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            max_running: self.max_running,
+            max_queued: self.max_queued,
+            ..SchedulerConfig::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Model to serve in this process (any input `tessera run` accepts). Omit it with --shards.
+    #[arg(value_name = "MODEL", conflicts_with = "shards")]
+    model: Vec<PathBuf>,
+    /// Shard directory (manifest.json + tokenizer) of the model the workers serve.
+    #[arg(long, value_name = "DIR", requires = "workers_given")]
+    shards: Option<PathBuf>,
+    /// A worker's gRPC address, in stage-major order; repeat, or comma-separate in TESSERA_WORKERS.
+    #[arg(
+        long = "worker",
+        value_name = "ADDR",
+        env = "TESSERA_WORKERS",
+        value_delimiter = ',',
+        group = "workers_given"
+    )]
+    workers: Vec<String>,
+    /// File listing workers, one `STAGE RANK ADDR` per line.
+    #[arg(long, value_name = "FILE", group = "workers_given")]
+    workers_file: Option<PathBuf>,
+    /// Compute threads when serving in this process (default: all cores).
+    #[arg(short, long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    listen: ListenArgs,
+}
+
+#[derive(clap::Args)]
+struct ClusterArgs {
+    #[arg(required = true, value_name = "MODEL")]
+    model: Vec<PathBuf>,
+    /// Tensor-parallel ranks per stage.
+    #[arg(long)]
+    tp: Option<usize>,
+    /// Pipeline stages.
+    #[arg(long)]
+    pp: Option<usize>,
+    /// Where to write (or find) the shards.
+    #[arg(long, value_name = "DIR")]
+    shard_dir: Option<PathBuf>,
+    /// Compute threads of each worker (default: cores / workers, at least 1).
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Restart a worker that exits on its own (the coordinator re-forms the cluster when it is back).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    restart_workers: bool,
+    #[command(flatten)]
+    listen: ListenArgs,
 }
 
 #[derive(clap::Args)]
@@ -98,6 +237,9 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Serve(args) => serve(args),
+        Command::Cluster(args) => cluster(args),
+        Command::Worker(args) => tessera_worker::cli::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -237,4 +379,222 @@ fn run_engine(
         );
     }
     Ok(())
+}
+
+fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let http = ListenArgs::addr(&args.listen.http, "http")?;
+    let grpc = ListenArgs::addr(&args.listen.grpc, "grpc")?;
+    let rt = tokio_runtime()?;
+    let _guard = rt.enter();
+    let (model, pipeline): (_, Arc<dyn Pipeline>) = if let Some(dir) = &args.shards {
+        let manifest = shard_tool::manifest::Manifest::load(dir)
+            .with_context(|| format!("reading the manifest of {}", dir.display()))?;
+        let workers = match &args.workers_file {
+            Some(file) => read_workers_file(file)?,
+            None => stage_major(&args.workers, &manifest)?,
+        };
+        let model = tessera::server::model_from_shards(dir, &manifest, args.listen.ctx)?;
+        let pipeline = RemotePipeline::connect(manifest, workers, RemoteOptions::default())
+            .context("connecting to the workers")?;
+        (model, pipeline)
+    } else {
+        if args.model.is_empty() {
+            bail!("give a MODEL to serve in this process, or --shards DIR with --worker addresses");
+        }
+        let threads = args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let options = EngineOptions {
+            max_batch_tokens: 512,
+            max_logits: 64,
+        };
+        let (pipeline, model) = LocalPipeline::open(&args.model, threads, args.listen.ctx, options)
+            .with_context(|| format!("opening {}", args.model[0].display()))?;
+        (model, Arc::new(pipeline))
+    };
+    let addr_file = args.listen.addr_file.clone();
+    rt.block_on(tessera::server::run(
+        model,
+        pipeline,
+        args.listen.scheduler(),
+        http,
+        grpc,
+        move |bound| write_addrs(bound, addr_file.as_deref()),
+        tessera::server::shutdown_signal(),
+    ))
+}
+
+fn write_addrs(bound: tessera::server::BoundAddrs, file: Option<&Path>) -> Result<()> {
+    if let Some(f) = file {
+        bound
+            .write(f)
+            .with_context(|| format!("writing {}", f.display()))?;
+    }
+    Ok(())
+}
+
+/// Workers given in stage-major order, paired with the manifest's (stage, rank) positions.
+fn stage_major(
+    addrs: &[String],
+    manifest: &shard_tool::manifest::Manifest,
+) -> Result<Vec<WorkerAddr>> {
+    let topo = &manifest.plan.topology;
+    if addrs.len() != topo.tp * topo.pp {
+        bail!(
+            "the shard set has tp={} × pp={} = {} shards, but {} worker addresses were given",
+            topo.tp,
+            topo.pp,
+            topo.tp * topo.pp,
+            addrs.len()
+        );
+    }
+    Ok(addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| WorkerAddr {
+            stage: i / topo.tp,
+            rank: i % topo.tp,
+            addr: a.trim().to_owned(),
+        })
+        .collect())
+}
+
+/// `STAGE RANK ADDR` lines; `#` starts a comment.
+fn read_workers_file(path: &Path) -> Result<Vec<WorkerAddr>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let bad = || {
+            format!(
+                "{}:{}: expected `STAGE RANK ADDR`, got `{line}`",
+                path.display(),
+                i + 1
+            )
+        };
+        let [stage, rank, addr] = parts[..] else {
+            bail!(bad());
+        };
+        out.push(WorkerAddr {
+            stage: stage.parse().with_context(bad)?,
+            rank: rank.parse().with_context(bad)?,
+            addr: addr.to_owned(),
+        });
+    }
+    Ok(out)
+}
+
+fn cluster(args: ClusterArgs) -> Result<()> {
+    let http = ListenArgs::addr(&args.listen.http, "http")?;
+    let grpc = ListenArgs::addr(&args.listen.grpc, "grpc")?;
+    let (shards, manifest) = prepare_shards(
+        &args.model,
+        args.tp,
+        args.pp,
+        args.shard_dir.clone(),
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    )
+    .with_context(|| format!("preparing shards of {}", args.model[0].display()))?;
+    let topo = manifest.plan.topology.clone();
+    let n_workers = topo.tp * topo.pp;
+    let threads = args.threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / n_workers).max(1)
+    });
+    let exe = std::env::current_exe().context("finding the tessera executable")?;
+    let run_dir = shards.join("run");
+    eprintln!(
+        "starting {n_workers} workers (tp={} × pp={}, {threads} thread(s) each) for {}",
+        topo.tp,
+        topo.pp,
+        shards.display()
+    );
+    let cluster = LocalCluster::start(LaunchSpec {
+        worker_command: vec![exe.to_string_lossy().into_owned(), "worker".into()],
+        shard_dir: shards.clone(),
+        tp: topo.tp,
+        pp: topo.pp,
+        threads,
+        extra_args: vec!["--max-context".into(), args.listen.ctx.to_string()],
+        run_dir: run_dir.clone(),
+        ready_timeout: std::time::Duration::from_secs(600),
+    })
+    .context("starting the workers")?;
+    let pids: String = cluster
+        .workers
+        .iter()
+        .map(|w| {
+            format!(
+                "{} {} {} {}\n",
+                w.stage,
+                w.rank,
+                w.grpc_addr,
+                w.pid().unwrap_or(0)
+            )
+        })
+        .collect();
+    std::fs::write(run_dir.join("workers.txt"), pids)
+        .with_context(|| format!("writing {}", run_dir.join("workers.txt").display()))?;
+    let workers = cluster.worker_addrs();
+    let cluster = Arc::new(std::sync::Mutex::new(cluster));
+    let rt = tokio_runtime()?;
+    let _guard = rt.enter();
+    if args.restart_workers {
+        let cluster = cluster.clone();
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let cluster = cluster.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let Ok(mut c) = cluster.lock() else { return };
+                    for (i, status) in c.exited() {
+                        tracing::warn!(worker = i, %status, "worker exited; restarting it");
+                        if let Err(e) = c.restart_worker(i) {
+                            tracing::error!("restarting worker {i}: {e}");
+                        }
+                    }
+                })
+                .await;
+            }
+        });
+    }
+    let model = tessera::server::model_from_shards(&shards, &manifest, args.listen.ctx)?;
+    let pipeline = RemotePipeline::connect(manifest, workers, RemoteOptions::default())
+        .context("connecting to the workers")?;
+    let addr_file = args.listen.addr_file.clone();
+    let result = rt.block_on(tessera::server::run(
+        model,
+        pipeline,
+        args.listen.scheduler(),
+        http,
+        grpc,
+        move |bound| {
+            if let Some(a) = bound.http {
+                eprintln!("serving on http://{a} (OpenAI-compatible)");
+            }
+            if let Some(a) = bound.grpc {
+                eprintln!("serving on {a} (gRPC tessera.v1)");
+            }
+            write_addrs(bound, addr_file.as_deref())
+        },
+        tessera::server::shutdown_signal(),
+    ));
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    if let Ok(mut c) = cluster.lock() {
+        c.shutdown(std::time::Duration::from_secs(3));
+    }
+    result
 }

@@ -1,0 +1,983 @@
+//! The continuous-batching scheduler on an in-process engine (`LocalPipeline`): batched requests get exactly
+//! the tokens they get alone, requests end as their parameters say, and every failure reaches every affected
+//! request as an error instead of a hang.
+//!
+//! The SmolLM2 test reads `$TESSERA_CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf` (default cache
+//! `~/.cache/tessera`, filled by scripts/prepare-engine-models.sh); it is skipped with a message when the model
+//! is missing on a developer machine and fails under CI (`CI=true`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, join_all};
+use shard_tool::checkpoint::Checkpoint;
+use shard_tool::plan::{Topology, plan};
+use tessera::generate::{FinishReason, generate};
+use tessera::sampling::SamplingParams;
+use tessera::serve::local::LocalPipeline;
+use tessera::serve::{
+    GenEvent, GenReceiver, GenRequest, Pipeline, PipelineError, PipelineInfo, Scheduler,
+    SchedulerConfig, SchedulerHandle, ServeError, StepBatch, TokenEvent, Usage,
+};
+use tessera::tokenizer::Tokenizer;
+use tessera_kernels::cpu::Pool;
+use tessera_worker::{Engine, EngineOptions, Sequences, SingleRank, Weights};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn tiny_path() -> PathBuf {
+    fixtures().join("gguf/tiny_llama.gguf")
+}
+
+/// A model from the cache; `None` (skip) when missing, except under CI where it is a failure.
+fn cached_model(name: &str) -> Option<PathBuf> {
+    let cache = match std::env::var_os("TESSERA_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/tessera"),
+    };
+    let path = cache.join("models").join(name);
+    if path.exists() {
+        return Some(path);
+    }
+    let msg = format!(
+        "{} is missing: run scripts/prepare-engine-models.sh",
+        path.display()
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+/// An engine over a leaked checkpoint (tests hold models for the process's life, as a server does).
+fn engine(path: &Path, options: EngineOptions) -> Engine<'static> {
+    let ckpt: &'static Checkpoint = Box::leak(Box::new(
+        Checkpoint::open(&[path.to_path_buf()])
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    ));
+    let spec = plan(&ckpt.config, &ckpt.tensors, &Topology::new(1, 1))
+        .unwrap()
+        .shards
+        .remove(0);
+    let weights = Weights::from_checkpoint(ckpt, &spec).unwrap();
+    Engine::new(
+        weights,
+        ckpt.config.clone(),
+        spec,
+        Box::new(SingleRank),
+        Arc::new(Pool::new(2)),
+        options,
+    )
+    .unwrap()
+}
+
+fn tokenizer(path: &Path) -> Arc<Tokenizer> {
+    Arc::new(Tokenizer::from_gguf_file(path).unwrap())
+}
+
+fn tiny_options() -> EngineOptions {
+    EngineOptions {
+        max_batch_tokens: 64,
+        max_logits: 16,
+    }
+}
+
+const TINY_CONTEXT: usize = 128;
+
+/// The tiny model with room for 16 sequences per batch, a 128-token context and an optional KV budget.
+fn tiny_pipeline(kv_budget: Option<u64>) -> Arc<LocalPipeline> {
+    let engine = engine(&tiny_path(), tiny_options());
+    Arc::new(LocalPipeline::new(Sequences::new(engine, TINY_CONTEXT, kv_budget)).unwrap())
+}
+
+fn tiny_config() -> SchedulerConfig {
+    SchedulerConfig {
+        max_running: 16,
+        max_queued: 64,
+        // Prompts span several chunks, so prefill chunks and decode tokens share batches.
+        prefill_chunk: 16,
+        max_batch_tokens: None,
+    }
+}
+
+/// Everything a request's receiver got.
+#[derive(Debug, Clone, PartialEq)]
+struct Output {
+    tokens: Vec<TokenEvent>,
+    end: End,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum End {
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+        text: String,
+    },
+    Error(ServeError),
+}
+
+impl Output {
+    fn ids(&self) -> Vec<u32> {
+        self.tokens.iter().map(|t| t.id).collect()
+    }
+
+    fn text(&self) -> String {
+        let mut text: String = self.tokens.iter().map(|t| t.text.as_str()).collect();
+        if let End::Done { text: tail, .. } = &self.end {
+            text.push_str(tail);
+        }
+        text
+    }
+
+    fn error(&self) -> Option<&ServeError> {
+        match &self.end {
+            End::Error(e) => Some(e),
+            End::Done { .. } => None,
+        }
+    }
+}
+
+/// Reads a request's events to the end: any number of tokens, then exactly one `Done` or `Error`, then the
+/// stream closes.
+async fn collect(mut rx: GenReceiver) -> Output {
+    tokio::time::timeout(TIMEOUT, async move {
+        let mut tokens = Vec::new();
+        let end = loop {
+            match rx.recv().await {
+                Some(GenEvent::Token(t)) => tokens.push(t),
+                Some(GenEvent::Done {
+                    finish,
+                    usage,
+                    text,
+                }) => {
+                    break End::Done {
+                        finish,
+                        usage,
+                        text,
+                    };
+                }
+                Some(GenEvent::Error(e)) => break End::Error(e),
+                None => panic!(
+                    "the stream ended without Done or Error after {} tokens",
+                    tokens.len()
+                ),
+            }
+        };
+        assert_eq!(rx.recv().await, None, "an event after the end");
+        Output { tokens, end }
+    })
+    .await
+    .expect("a request hung")
+}
+
+async fn run_alone(handle: &SchedulerHandle, reqs: &[GenRequest]) -> Vec<Output> {
+    let mut out = Vec::new();
+    for req in reqs {
+        out.push(collect(handle.submit(req.clone()).unwrap()).await);
+    }
+    out
+}
+
+async fn run_together(handle: &SchedulerHandle, reqs: &[GenRequest]) -> Vec<Output> {
+    let rxs: Vec<_> = reqs
+        .iter()
+        .map(|r| handle.submit(r.clone()).unwrap())
+        .collect();
+    join_all(rxs.into_iter().map(collect)).await
+}
+
+/// Requests with different prompts, lengths, seeds, temperatures and filters.
+fn varied_requests(prompts: Vec<Vec<u32>>, max_tokens: impl Fn(usize) -> usize) -> Vec<GenRequest> {
+    prompts
+        .into_iter()
+        .enumerate()
+        .map(|(i, prompt)| GenRequest {
+            prompt,
+            params: SamplingParams {
+                temperature: [0.0, 0.5, 0.8, 1.0, 1.5][i % 5],
+                top_k: [0, 10, 40][i % 3],
+                top_p: [1.0, 0.9][i % 2],
+                min_p: [0.0, 0.05][(i / 2) % 2],
+                repetition_penalty: [1.0, 1.1][(i / 3) % 2],
+                seed: Some(1000 + i as u64),
+                max_tokens: Some(max_tokens(i)),
+                logprobs: (i % 4 == 0).then_some(3),
+                ..SamplingParams::default()
+            },
+        })
+        .collect()
+}
+
+fn tiny_prompts(tok: &Tokenizer, n: usize) -> Vec<Vec<u32>> {
+    let words = [
+        "The capital of France is",
+        "Hello, world!",
+        "numbers 12345 and 3.14",
+        "multi\nline\n\ttabbed text that goes on for a while longer than the others do",
+        "café 🦙 日本",
+        "a",
+    ];
+    (0..n)
+        .map(|i| {
+            let mut text = String::new();
+            for k in 0..=(i % 4) {
+                text.push_str(words[(i + k) % words.len()]);
+                text.push(' ');
+            }
+            tok.encode(text.trim_end(), true, false).unwrap()
+        })
+        .collect()
+}
+
+fn assert_same(alone: &[Output], together: &[Output]) {
+    assert_eq!(alone.len(), together.len());
+    for (i, (a, t)) in alone.iter().zip(together).enumerate() {
+        assert!(a.error().is_none(), "request {i} failed alone: {a:?}");
+        assert_eq!(
+            a.ids(),
+            t.ids(),
+            "request {i}: tokens differ between a solo run and a batched one"
+        );
+        assert_eq!(a, t, "request {i}: events differ (text or logprobs)");
+    }
+}
+
+/// Wraps a pipeline and records the largest batch and whether a batch mixed prefill chunks with decode
+/// tokens, to show that a test really batched.
+struct Recorder {
+    inner: Arc<LocalPipeline>,
+    max_seqs: AtomicUsize,
+    mixed: AtomicUsize,
+}
+
+impl Recorder {
+    fn new(inner: Arc<LocalPipeline>) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            inner,
+            max_seqs: AtomicUsize::new(0),
+            mixed: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl Pipeline for Recorder {
+    fn info(&self) -> PipelineInfo {
+        self.inner.info()
+    }
+
+    fn forward<'a>(
+        &'a self,
+        batch: &'a StepBatch,
+    ) -> BoxFuture<'a, Result<Vec<f32>, PipelineError>> {
+        self.max_seqs.fetch_max(batch.seqs.len(), Ordering::SeqCst);
+        let decode = batch
+            .seqs
+            .iter()
+            .any(|s| s.start_pos > 0 && s.tokens.len() == 1);
+        let prefill = batch.seqs.iter().any(|s| s.tokens.len() > 1);
+        if decode && prefill {
+            self.mixed.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.forward(batch)
+    }
+
+    fn release<'a>(&'a self, seq_ids: &'a [u64]) -> BoxFuture<'a, ()> {
+        self.inner.release(seq_ids)
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), PipelineError>> {
+        self.inner.health()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_batched_requests_match_solo_runs() {
+    let tok = tokenizer(&tiny_path());
+    let reqs = varied_requests(tiny_prompts(&tok, 14), |i| 10 + 3 * i);
+    let recorder = Recorder::new(tiny_pipeline(None));
+    let handle = Scheduler::start(recorder.clone(), tok.clone(), tiny_config());
+    let alone = run_alone(&handle, &reqs).await;
+    assert_eq!(recorder.max_seqs.load(Ordering::SeqCst), 1);
+    let together = run_together(&handle, &reqs).await;
+    assert_same(&alone, &together);
+    assert!(recorder.max_seqs.load(Ordering::SeqCst) >= 12);
+    assert!(recorder.mixed.load(Ordering::SeqCst) > 0);
+    // Twice in a row: no state leaks from one round into the next.
+    let again = run_together(&handle, &reqs).await;
+    assert_same(&alone, &again);
+    assert!(alone.iter().any(|o| o.tokens.len() > 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_batched_requests_match_solo_runs() {
+    let Some(path) = cached_model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let tok = tokenizer(&path);
+    let texts = [
+        "The capital of France is",
+        "Once upon a time, in a land far away,",
+        "def fibonacci(n):",
+        "The three primary colors are",
+        "Water boils at",
+        "My favourite recipe for pancakes starts with",
+        "In 1969, the first humans",
+        "The quick brown fox",
+        "Translate to French: good morning",
+        "A haiku about the sea:",
+        "List three prime numbers:",
+        "The mitochondria is",
+        "SELECT * FROM users WHERE",
+        "Dear hiring manager,",
+        "The best way to learn a language is",
+        "2 + 2 =",
+    ];
+    let prompts = texts
+        .iter()
+        .map(|t| tok.encode(t, true, false).unwrap())
+        .collect();
+    let reqs = varied_requests(prompts, |i| 16 + i);
+    let engine = engine(
+        &path,
+        EngineOptions {
+            max_batch_tokens: 256,
+            max_logits: 32,
+        },
+    );
+    let pipeline = Arc::new(LocalPipeline::new(Sequences::new(engine, 512, None)).unwrap());
+    let recorder = Recorder::new(pipeline);
+    let config = SchedulerConfig {
+        max_running: 32,
+        prefill_chunk: 8,
+        ..SchedulerConfig::default()
+    };
+    let handle = Scheduler::start(recorder.clone(), tok, config);
+    let alone = run_alone(&handle, &reqs).await;
+    let together = run_together(&handle, &reqs).await;
+    assert_same(&alone, &together);
+    assert!(recorder.max_seqs.load(Ordering::SeqCst) >= 12);
+    assert!(recorder.mixed.load(Ordering::SeqCst) > 0);
+}
+
+/// The scheduler ends a request exactly as single-sequence generation (`tessera run`) does: same tokens,
+/// same text, same finish reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_matches_single_sequence_generate() {
+    let tok = tokenizer(&tiny_path());
+    let mut reqs = varied_requests(tiny_prompts(&tok, 6), |i| 8 + 5 * i);
+    // A stop string and a request that runs into the context.
+    reqs[1].params.stop = vec!["e".into(), "zz".into()];
+    reqs[2].params.max_tokens = None;
+    let chunk = 16;
+    let handle = Scheduler::start(
+        tiny_pipeline(None),
+        tok.clone(),
+        SchedulerConfig {
+            prefill_chunk: chunk,
+            ..tiny_config()
+        },
+    );
+    let together = run_together(&handle, &reqs).await;
+    let mut engine = engine(
+        &tiny_path(),
+        EngineOptions {
+            max_batch_tokens: chunk,
+            max_logits: 1,
+        },
+    );
+    for (i, (req, got)) in reqs.iter().zip(&together).enumerate() {
+        let context = req
+            .params
+            .max_tokens
+            .map_or(TINY_CONTEXT, |m| (req.prompt.len() + m).min(TINY_CONTEXT));
+        let mut cache = engine.new_cache(context, None).unwrap();
+        let want = generate(
+            &mut engine,
+            &mut cache,
+            &tok,
+            &req.prompt,
+            &req.params,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(got.ids(), want.tokens, "request {i}: tokens");
+        assert_eq!(got.text(), want.text, "request {i}: text");
+        let End::Done { finish, usage, .. } = &got.end else {
+            panic!("request {i} failed: {got:?}");
+        };
+        assert_eq!(*finish, want.finish, "request {i}: finish reason");
+        assert_eq!(
+            *usage,
+            Usage {
+                prompt_tokens: req.prompt.len(),
+                completion_tokens: want.tokens.len()
+            }
+        );
+    }
+    let End::Done { finish, .. } = &together[2].end else {
+        unreachable!()
+    };
+    assert_eq!(*finish, FinishReason::Length);
+}
+
+/// Bans every end-of-generation token, so a request runs to `max_tokens`.
+fn no_eog(tok: &Tokenizer, params: SamplingParams) -> SamplingParams {
+    SamplingParams {
+        logit_bias: tok.eos_ids().iter().map(|&id| (id, -100.0)).collect(),
+        ..params
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_ends_with_length_after_exactly_n_tokens() {
+    let tok = tokenizer(&tiny_path());
+    let handle = Scheduler::start(tiny_pipeline(None), tok.clone(), tiny_config());
+    for (n, temperature) in [(1, 0.0), (7, 0.0), (23, 1.0)] {
+        let prompt = tok.encode("Hello, world!", true, false).unwrap();
+        let params = no_eog(
+            &tok,
+            SamplingParams {
+                temperature,
+                seed: Some(7),
+                max_tokens: Some(n),
+                ..SamplingParams::default()
+            },
+        );
+        let out = collect(
+            handle
+                .submit(GenRequest {
+                    prompt: prompt.clone(),
+                    params,
+                })
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(out.tokens.len(), n, "{out:?}");
+        match out.end {
+            End::Done { finish, usage, .. } => {
+                assert_eq!(finish, FinishReason::Length);
+                assert_eq!(
+                    usage,
+                    Usage {
+                        prompt_tokens: prompt.len(),
+                        completion_tokens: n
+                    }
+                );
+            }
+            End::Error(e) => panic!("{e}"),
+        }
+    }
+    // No max_tokens: the context ends it, prompt + completion = max_context.
+    let prompt = tok.encode("Hello, world!", true, false).unwrap();
+    let out = collect(
+        handle
+            .submit(GenRequest {
+                prompt: prompt.clone(),
+                params: no_eog(&tok, SamplingParams::greedy()),
+            })
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(prompt.len() + out.tokens.len(), TINY_CONTEXT);
+    assert!(matches!(
+        out.end,
+        End::Done {
+            finish: FinishReason::Length,
+            ..
+        }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_string_ends_generation_before_it() {
+    let tok = tokenizer(&tiny_path());
+    let handle = Scheduler::start(tiny_pipeline(None), tok.clone(), tiny_config());
+    let prompt = tok.encode("The capital of France is", true, false).unwrap();
+    let params = no_eog(
+        &tok,
+        SamplingParams {
+            max_tokens: Some(40),
+            ..SamplingParams::greedy()
+        },
+    );
+    let free = collect(
+        handle
+            .submit(GenRequest {
+                prompt: prompt.clone(),
+                params: params.clone(),
+            })
+            .unwrap(),
+    )
+    .await;
+    let text = free.text();
+    // A stop string from the middle of the free-running output, spanning several tokens.
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 12, "too little text to cut: {text:?}");
+    let stop: String = chars[8..11].iter().collect();
+    let cut = &text[..text.find(&stop).unwrap()];
+    let out = collect(
+        handle
+            .submit(GenRequest {
+                prompt,
+                params: SamplingParams {
+                    stop: vec![stop.clone()],
+                    ..params
+                },
+            })
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(out.text(), cut, "stop {stop:?} in {text:?}");
+    assert!(matches!(
+        out.end,
+        End::Done {
+            finish: FinishReason::Stop,
+            ..
+        }
+    ));
+    assert!(out.tokens.len() < free.tokens.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_invalid_arguments_naming_the_field() {
+    let tok = tokenizer(&tiny_path());
+    let handle = Scheduler::start(tiny_pipeline(None), tok.clone(), tiny_config());
+    let submit = |prompt: Vec<u32>, params: SamplingParams| match handle
+        .submit(GenRequest { prompt, params })
+    {
+        Err(ServeError::InvalidArgument { field, message }) => (field, message),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    };
+    let (field, message) = submit(vec![1; TINY_CONTEXT], SamplingParams::default());
+    assert_eq!(field, "prompt");
+    assert!(
+        message.contains(&TINY_CONTEXT.to_string()) && message.contains("127"),
+        "{message}"
+    );
+    // One token less leaves room for one generated token.
+    assert!(
+        handle
+            .submit(GenRequest {
+                prompt: vec![1; TINY_CONTEXT - 1],
+                params: SamplingParams::default()
+            })
+            .is_ok()
+    );
+    assert_eq!(submit(vec![], SamplingParams::default()).0, "prompt");
+    let (field, message) = submit(vec![1, 288], SamplingParams::default());
+    assert_eq!(field, "prompt");
+    assert!(message.contains("288"), "{message}");
+    let cases = [
+        (
+            SamplingParams {
+                temperature: 3.0,
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            SamplingParams {
+                top_p: 0.0,
+                ..Default::default()
+            },
+            "top_p",
+        ),
+        (
+            SamplingParams {
+                max_tokens: Some(0),
+                ..Default::default()
+            },
+            "max_tokens",
+        ),
+        (
+            SamplingParams {
+                logit_bias: vec![(9999, 1.0)],
+                ..Default::default()
+            },
+            "logit_bias",
+        ),
+        (
+            SamplingParams {
+                stop: vec![String::new()],
+                ..Default::default()
+            },
+            "stop",
+        ),
+        (
+            SamplingParams {
+                logprobs: Some(50),
+                ..Default::default()
+            },
+            "logprobs",
+        ),
+    ];
+    for (params, want) in cases {
+        let (field, message) = submit(vec![1, 2], params);
+        assert_eq!(field, want, "{message}");
+    }
+}
+
+/// Wraps a pipeline: each `forward` takes a permit (none at first) and is counted.
+struct Metered {
+    inner: Arc<LocalPipeline>,
+    permits: tokio::sync::Semaphore,
+    calls: AtomicUsize,
+}
+
+impl Metered {
+    fn new(inner: Arc<LocalPipeline>) -> Arc<Metered> {
+        Arc::new(Metered {
+            inner,
+            permits: tokio::sync::Semaphore::new(0),
+            calls: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl Pipeline for Metered {
+    fn info(&self) -> PipelineInfo {
+        self.inner.info()
+    }
+
+    fn forward<'a>(
+        &'a self,
+        batch: &'a StepBatch,
+    ) -> BoxFuture<'a, Result<Vec<f32>, PipelineError>> {
+        async move {
+            self.permits.acquire().await.unwrap().forget();
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.inner.forward(batch).await
+        }
+        .boxed()
+    }
+
+    fn release<'a>(&'a self, seq_ids: &'a [u64]) -> BoxFuture<'a, ()> {
+        self.inner.release(seq_ids)
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), PipelineError>> {
+        self.inner.health()
+    }
+}
+
+async fn wait_until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_overloaded() {
+    let tok = tokenizer(&tiny_path());
+    let pipeline = Metered::new(tiny_pipeline(None));
+    let config = SchedulerConfig {
+        max_running: 1,
+        max_queued: 2,
+        ..tiny_config()
+    };
+    let handle = Scheduler::start(pipeline.clone(), tok.clone(), config);
+    let req = GenRequest {
+        prompt: tok.encode("Hello", true, false).unwrap(),
+        params: SamplingParams {
+            max_tokens: Some(3),
+            ..SamplingParams::greedy()
+        },
+    };
+    let first = handle.submit(req.clone()).unwrap();
+    wait_until("the first request runs", async || {
+        handle.stats().running == 1
+    })
+    .await;
+    let queued = [
+        handle.submit(req.clone()).unwrap(),
+        handle.submit(req.clone()).unwrap(),
+    ];
+    let stats = handle.stats();
+    assert_eq!((stats.running, stats.queued), (1, 2));
+    match handle.submit(req.clone()) {
+        Err(e @ ServeError::Overloaded(_)) => {
+            assert!(e.is_retryable());
+            assert!(e.to_string().contains("max_queued"), "{e}");
+        }
+        other => panic!("expected Overloaded, got {other:?}"),
+    }
+    pipeline.permits.add_permits(1000);
+    let want = collect(first).await;
+    assert!(want.error().is_none(), "{want:?}");
+    for rx in queued {
+        assert_eq!(collect(rx).await, want);
+    }
+    let stats = handle.stats();
+    assert_eq!((stats.running, stats.queued), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_receiver_cancels_and_releases_the_sequence() {
+    let tok = tokenizer(&tiny_path());
+    let inner = tiny_pipeline(None);
+    let pipeline = Metered::new(inner.clone());
+    let handle = Scheduler::start(pipeline.clone(), tok.clone(), tiny_config());
+    // Without end-of-generation tokens or max_tokens, each would run ~120 steps to fill its context.
+    let req = GenRequest {
+        prompt: tok.encode("Hello, world!", true, false).unwrap(),
+        params: no_eog(&tok, SamplingParams::greedy()),
+    };
+    let mut rxs: Vec<_> = (0..3)
+        .map(|_| handle.submit(req.clone()).unwrap())
+        .collect();
+    pipeline.permits.add_permits(5);
+    for rx in &mut rxs {
+        for _ in 0..2 {
+            assert!(matches!(rx.recv().await, Some(GenEvent::Token(_))));
+        }
+    }
+    wait_until("five steps ran", async || {
+        pipeline.calls.load(Ordering::SeqCst) == 5
+    })
+    .await;
+    assert_eq!(inner.stats().await.unwrap().sequences, 3);
+    drop(rxs);
+    pipeline.permits.add_permits(1000);
+    wait_until("the cancelled sequences are released", async || {
+        inner.stats().await.unwrap().sequences == 0 && handle.stats().running == 0
+    })
+    .await;
+    assert_eq!(inner.stats().await.unwrap().kv_bytes, 0);
+    assert!(pipeline.calls.load(Ordering::SeqCst) <= 7);
+    // The pipeline still serves.
+    let out = collect(
+        handle
+            .submit(GenRequest {
+                params: SamplingParams {
+                    max_tokens: Some(4),
+                    ..req.params.clone()
+                },
+                ..req.clone()
+            })
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(out.tokens.len(), 4);
+    wait_until("the finished sequence is released", async || {
+        inner.stats().await.unwrap().sequences == 0
+    })
+    .await;
+}
+
+/// Wraps a pipeline: forward calls for which `fail` says so return `Unavailable`.
+struct Flaky {
+    inner: Arc<dyn Pipeline>,
+    calls: AtomicUsize,
+    fail: fn(usize) -> bool,
+}
+
+impl Pipeline for Flaky {
+    fn info(&self) -> PipelineInfo {
+        self.inner.info()
+    }
+
+    fn forward<'a>(
+        &'a self,
+        batch: &'a StepBatch,
+    ) -> BoxFuture<'a, Result<Vec<f32>, PipelineError>> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        if (self.fail)(call) {
+            return futures::future::ready(Err(PipelineError::Unavailable(
+                "worker 127.0.0.1:1 is down (injected)".into(),
+            )))
+            .boxed();
+        }
+        self.inner.forward(batch)
+    }
+
+    fn release<'a>(&'a self, seq_ids: &'a [u64]) -> BoxFuture<'a, ()> {
+        self.inner.release(seq_ids)
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), PipelineError>> {
+        if (self.fail)(self.calls.load(Ordering::SeqCst)) {
+            return futures::future::ready(Err(PipelineError::Unavailable(
+                "down (injected)".into(),
+            )))
+            .boxed();
+        }
+        self.inner.health()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_pipeline_fails_every_request_without_hanging() {
+    let tok = tokenizer(&tiny_path());
+    let pipeline = Arc::new(Flaky {
+        inner: tiny_pipeline(None),
+        calls: AtomicUsize::new(0),
+        fail: |_| true,
+    });
+    let handle = Scheduler::start(pipeline, tok.clone(), tiny_config());
+    let reqs = varied_requests(tiny_prompts(&tok, 6), |_| 20);
+    for out in run_together(&handle, &reqs).await {
+        assert!(out.tokens.is_empty());
+        match out.error() {
+            Some(ServeError::Unavailable(m)) => assert!(m.contains("127.0.0.1:1"), "{m}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        handle.health().await,
+        Err(ServeError::Unavailable(_))
+    ));
+    assert_eq!(handle.stats().running, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_mid_generation_fails_running_requests_and_later_ones_succeed() {
+    let tok = tokenizer(&tiny_path());
+    let inner = tiny_pipeline(None);
+    let metered = Metered::new(inner.clone());
+    let pipeline = Arc::new(Flaky {
+        inner: metered.clone(),
+        calls: AtomicUsize::new(0),
+        fail: |call| call == 6,
+    });
+    let handle = Scheduler::start(pipeline, tok.clone(), tiny_config());
+    let reqs: Vec<_> = varied_requests(tiny_prompts(&tok, 4), |_| 30)
+        .into_iter()
+        .map(|r| GenRequest {
+            params: no_eog(&tok, r.params),
+            ..r
+        })
+        .collect();
+    // Every request is submitted before the first step runs, so all four are running at the failure.
+    let rxs: Vec<_> = reqs
+        .iter()
+        .map(|r| handle.submit(r.clone()).unwrap())
+        .collect();
+    metered.permits.add_permits(10_000);
+    for (i, out) in join_all(rxs.into_iter().map(collect))
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert!(
+            matches!(out.error(), Some(ServeError::Unavailable(_))),
+            "request {i}: {out:?}"
+        );
+        assert!(out.tokens.len() < 30);
+    }
+    // The failure freed everything; the pipeline serves new requests.
+    let alone = run_alone(&handle, &reqs[..2]).await;
+    for out in &alone {
+        assert_eq!(out.tokens.len(), 30, "{out:?}");
+    }
+    wait_until("every sequence is released", async || {
+        inner.stats().await.unwrap().sequences == 0 && handle.stats().running == 0
+    })
+    .await;
+    assert_eq!(handle.health().await, Ok(()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_memory_exhaustion_overloads_only_new_requests() {
+    let tok = tokenizer(&tiny_path());
+    let prompt_len = 6;
+    let max_tokens = 20;
+    let one = engine(&tiny_path(), tiny_options())
+        .new_cache(prompt_len + max_tokens, None)
+        .unwrap()
+        .bytes();
+    // Room for two of the four sequences.
+    let pipeline = tiny_pipeline(Some(2 * one + one / 2));
+    let handle = Scheduler::start(pipeline.clone(), tok.clone(), tiny_config());
+    let reqs: Vec<GenRequest> = (0..4u32)
+        .map(|i| GenRequest {
+            prompt: (0..prompt_len as u32).map(|k| 1 + i * 10 + k).collect(),
+            params: no_eog(
+                &tok,
+                SamplingParams {
+                    seed: Some(u64::from(i)),
+                    max_tokens: Some(max_tokens),
+                    ..SamplingParams::default()
+                },
+            ),
+        })
+        .collect();
+    let outs = run_together(&handle, &reqs).await;
+    let done: Vec<_> = outs.iter().filter(|o| o.error().is_none()).collect();
+    let overloaded = outs
+        .iter()
+        .filter(|o| matches!(o.error(), Some(ServeError::Overloaded(_))))
+        .count();
+    assert_eq!((done.len(), overloaded), (2, 2), "{outs:?}");
+    for o in done {
+        assert_eq!(o.tokens.len(), max_tokens);
+    }
+    wait_until("every sequence is released", async || {
+        pipeline.stats().await.unwrap().sequences == 0
+    })
+    .await;
+    // Memory is free again: all four fit one after another.
+    for out in run_alone(&handle, &reqs).await {
+        assert_eq!(out.tokens.len(), max_tokens, "{out:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_runs_the_model_and_info_reports_limits() {
+    let tok = tokenizer(&tiny_path());
+    let pipeline = tiny_pipeline(None);
+    let handle = Scheduler::start(pipeline.clone(), tok, tiny_config());
+    assert_eq!(handle.health().await, Ok(()));
+    assert_eq!(pipeline.stats().await.unwrap().sequences, 0);
+    let info = handle.info();
+    assert_eq!(
+        info,
+        PipelineInfo {
+            max_batch_tokens: 64,
+            max_logits: 16,
+            max_context: TINY_CONTEXT,
+            n_vocab: 288,
+            n_stages: 1,
+            tp: 1,
+        }
+    );
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.lanes, stats.max_running, stats.max_queued),
+        (1, 16, 64)
+    );
+}
+
+#[test]
+fn local_pipeline_open_serves_a_checkpoint() {
+    let (pipeline, model) = LocalPipeline::open(&[tiny_path()], 1, 64, tiny_options()).unwrap();
+    assert_eq!(model.id, "tiny_llama");
+    assert_eq!((model.max_context, model.tp, model.pp), (64, 1, 1));
+    assert_eq!(pipeline.info().max_context, 64);
+    let open_err = |paths: &[PathBuf], threads| match LocalPipeline::open(
+        paths,
+        threads,
+        64,
+        tiny_options(),
+    ) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("opened"),
+    };
+    let err = open_err(&[tiny_path()], 0);
+    assert_eq!(err, "threads must be at least 1, got 0");
+    let err = open_err(&[fixtures().join("missing.gguf")], 1);
+    assert!(err.contains("missing.gguf"), "{err}");
+}

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Drives a Tessera server's OpenAI-compatible API with the official `openai` Python package.
+
+Runs, greedy (temperature 0) with a fixed seed: GET /v1/models, a chat completion, a streaming chat completion
+(with stream_options.include_usage), a completion and a streaming completion. Prints one JSON object:
+
+    {"models": [...],
+     "chat": {"text", "finish_reason", "usage"},
+     "chat_stream": {"text", "finish_reason", "role", "usage", "chunks"},
+     "completion": {"text", "finish_reason", "usage"},
+     "completion_stream": {"text", "finish_reason", "usage", "chunks"},
+     "stream_matches": {"chat": bool, "completion": bool}}
+
+Exits 1 on any client error (connection, HTTP error status, a malformed response the client cannot parse),
+2 with --strict when a streamed text differs from the non-streamed one or a stream lacks its finish reason.
+
+    pip install openai
+    python3 tests/clients/openai_check.py --base-url http://127.0.0.1:8080 --model SmolLM2-135M-Instruct
+"""
+
+import argparse
+import json
+import sys
+
+import openai
+from openai import OpenAI
+
+
+def usage_dict(usage):
+    return usage.model_dump() if usage is not None else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-url", required=True, help="server root or its /v1 URL")
+    ap.add_argument("--model", required=True, help="the served model id")
+    ap.add_argument("--prompt", default="The capital of France is")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    ap.add_argument("--strict", action="store_true", help="exit 2 when streamed and whole texts differ")
+    args = ap.parse_args()
+
+    base = args.base_url.rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    client = OpenAI(base_url=base, api_key="tessera", timeout=args.timeout, max_retries=0)
+    common = dict(model=args.model, max_tokens=args.max_tokens, temperature=0, seed=args.seed)
+    messages = [{"role": "user", "content": args.prompt}]
+    out = {}
+    try:
+        out["models"] = [m.id for m in client.models.list().data]
+
+        r = client.chat.completions.create(messages=messages, **common)
+        out["chat"] = {
+            "text": r.choices[0].message.content,
+            "finish_reason": r.choices[0].finish_reason,
+            "usage": usage_dict(r.usage),
+        }
+
+        text, finish, role, usage, chunks = [], None, None, None, 0
+        stream = client.chat.completions.create(
+            messages=messages, stream=True, stream_options={"include_usage": True}, **common
+        )
+        for chunk in stream:
+            chunks += 1
+            if chunk.usage is not None:
+                usage = usage_dict(chunk.usage)
+            for c in chunk.choices:
+                if c.delta.role:
+                    role = c.delta.role
+                if c.delta.content:
+                    text.append(c.delta.content)
+                if c.finish_reason:
+                    finish = c.finish_reason
+        out["chat_stream"] = {
+            "text": "".join(text),
+            "finish_reason": finish,
+            "role": role,
+            "usage": usage,
+            "chunks": chunks,
+        }
+
+        r = client.completions.create(prompt=args.prompt, **common)
+        out["completion"] = {
+            "text": r.choices[0].text,
+            "finish_reason": r.choices[0].finish_reason,
+            "usage": usage_dict(r.usage),
+        }
+
+        text, finish, usage, chunks = [], None, None, 0
+        stream = client.completions.create(
+            prompt=args.prompt, stream=True, stream_options={"include_usage": True}, **common
+        )
+        for chunk in stream:
+            chunks += 1
+            if chunk.usage is not None:
+                usage = usage_dict(chunk.usage)
+            for c in chunk.choices:
+                text.append(c.text)
+                if c.finish_reason:
+                    finish = c.finish_reason
+        out["completion_stream"] = {
+            "text": "".join(text),
+            "finish_reason": finish,
+            "usage": usage,
+            "chunks": chunks,
+        }
+    except openai.OpenAIError as e:
+        print(json.dumps({"error": f"{type(e).__name__}: {e}", "partial": out}), file=sys.stderr)
+        return 1
+
+    out["stream_matches"] = {
+        "chat": out["chat"]["text"] == out["chat_stream"]["text"]
+        and out["chat"]["finish_reason"] == out["chat_stream"]["finish_reason"],
+        "completion": out["completion"]["text"] == out["completion_stream"]["text"]
+        and out["completion"]["finish_reason"] == out["completion_stream"]["finish_reason"],
+    }
+    print(json.dumps(out))
+    if args.strict and not all(out["stream_matches"].values()):
+        print("streamed and whole responses differ", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,6 +33,8 @@ pub fn model(name: &str) -> Option<PathBuf> {
 }
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// SmolLM2 dequantized to F32 by `scripts/prepare-engine-models.sh`.
+pub const SMOLLM2_F32: &str = "SmolLM2-135M-Instruct.F32.gguf";
 
 /// The worker command of the `tessera` binary under test.
 pub fn worker_command() -> Vec<String> {

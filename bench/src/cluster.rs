@@ -8,7 +8,6 @@
 //!    cluster (greedy, fixed lengths: no request stops early).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};

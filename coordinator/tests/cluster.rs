@@ -256,7 +256,7 @@ fn llama3_shaped_tp_up_to_16_matches_the_single_process() {
         })
         .unwrap();
     }
-    let ckpt = Checkpoint::open(&[path.clone()]).unwrap();
+    let ckpt = Checkpoint::open(std::slice::from_ref(&path)).unwrap();
     assert_eq!((ckpt.config.n_head, ckpt.config.n_head_kv), (32, 8));
     let tok = Arc::new(Tokenizer::from_checkpoint(&ckpt).unwrap());
     let prompt = tok

@@ -181,7 +181,7 @@ async fn cluster_forms_serves_and_reforms_after_a_worker_restart() {
         ..SchedulerConfig::default()
     };
     let handle = Scheduler::start(pipeline.clone(), tok.clone(), config);
-    assert_eq!(handle.stats().lanes, 2);
+    assert_eq!(handle.stats().lanes, 3);
     let mut alone = Vec::new();
     for r in &reqs {
         alone.push(collect(handle.submit(r.clone()).unwrap()).await);

@@ -309,7 +309,8 @@ async fn tiny_batched_requests_match_solo_runs() {
     assert_eq!(recorder.max_seqs.load(Ordering::SeqCst), 1);
     let together = run_together(&handle, &reqs).await;
     assert_same(&alone, &together);
-    assert!(recorder.max_seqs.load(Ordering::SeqCst) >= 12);
+    // 14 requests over the scheduler's two lanes (one stage + one): 7 sequences in a batch at least.
+    assert!(recorder.max_seqs.load(Ordering::SeqCst) >= 7);
     assert!(recorder.mixed.load(Ordering::SeqCst) > 0);
     // Twice in a row: no state leaks from one round into the next.
     let again = run_together(&handle, &reqs).await;
@@ -957,7 +958,7 @@ async fn health_runs_the_model_and_info_reports_limits() {
     let stats = handle.stats();
     assert_eq!(
         (stats.lanes, stats.max_running, stats.max_queued),
-        (1, 16, 64)
+        (2, 16, 64)
     );
 }
 

@@ -25,7 +25,8 @@
 //! Errors: every rank of a stage answering RESOURCE_EXHAUSTED (KV memory) is `ResourceExhausted`, every rank
 //! answering INVALID_ARGUMENT is `Internal` (the batch was malformed; the workers refuse it before computing
 //! anything, so the epoch stays usable); anything else — another status, a mix, a timeout, a transport
-//! error, an answer of the wrong shape — sets Down and is `Unavailable`.
+//! error, an answer of the wrong shape — sets Down and is `Unavailable`, at the first such answer, without
+//! waiting for the stage's other ranks.
 //!
 //! # Limits
 //!

@@ -5,10 +5,10 @@
 //! # Design
 //!
 //! - One admission queue (bounded by `max_queued`; beyond it [`SchedulerHandle::submit`] answers
-//!   `Overloaded`) feeds `n_stages` *lanes*, tokio tasks that each own a set of sequences and run one
+//!   `Overloaded`) feeds `n_stages + 1` *lanes*, tokio tasks that each own a set of sequences and run one
 //!   micro-batch at a time. With `pp` pipeline stages, `pp` micro-batches are in the pipeline at once (stage 1
-//!   runs lane A's batch while stage 0 runs lane B's); a sequence stays in its lane because its next token
-//!   depends on its previous step.
+//!   runs lane A's batch while stage 0 runs lane B's) and one more is being sampled at the coordinator; a
+//!   sequence stays in its lane because its next token depends on its previous step.
 //! - A lane's step: drop sequences whose client went away, admit queued requests while the lane has room
 //!   (`max_running` split across lanes, never more than the pipeline's `max_logits`), then build one
 //!   [`StepBatch`]: a decode token (asking for logits) for every decoding sequence, then prefill chunks of
@@ -144,7 +144,7 @@ impl Scheduler {
     /// ends submit to. The lanes stop once every handle is dropped and their work is done.
     ///
     /// The pipeline's [`PipelineInfo`] is read again at every step, so a remote pipeline whose limits are
-    /// only known once its workers answered is followed; `n_stages` (the number of lanes) is read once here.
+    /// only known once its workers answered is followed; `n_stages` (the number of lanes is one more) is read once here.
     pub fn start(
         pipeline: Arc<dyn Pipeline>,
         tokenizer: Arc<Tokenizer>,
@@ -153,7 +153,9 @@ impl Scheduler {
         if let Err(e) = config.validate() {
             warn!("scheduler config: {e}; using 1");
         }
-        let n_lanes = pipeline.info().n_stages.max(1);
+        // One lane more than stages: while the pipeline runs one micro-batch per stage, the extra lane's
+        // sampling and detokenization run on the coordinator instead of leaving the workers idle.
+        let n_lanes = pipeline.info().n_stages.max(1) + 1;
         let shared = Arc::new(Shared {
             pipeline,
             tokenizer,

@@ -163,7 +163,7 @@ fn main() -> Result<()> {
     let stats = |addr: String| async move {
         let mut c = WorkerClient::connect(format!("http://{addr}")).await?;
         let s = c.stats(StatsRequest {}).await?.into_inner();
-        anyhow::Ok((s.all_reduces, s.all_reduce_us))
+        anyhow::Ok((s.all_reduces, s.all_reduce_us, s.compute_us))
     };
     let before = rt.block_on(stats(addrs[0].addr.clone()))?;
     let tp2 = rt.block_on(decode_latency(remote.as_ref(), &prompt, &steps))?;
@@ -193,13 +193,24 @@ fn main() -> Result<()> {
         model.tokenizer.clone(),
         SchedulerConfig::default(),
     );
-    println!("| concurrent streams (TP=2) | aggregate tokens/s | × one stream |");
-    println!("|---|---|---|");
+    println!(
+        "| concurrent streams (TP=2) | aggregate tokens/s | × one stream | rank 0 busy (compute incl. all-reduce) |"
+    );
+    println!("|---|---|---|---|");
     let mut one = None;
     for &n in &args.streams {
+        let before = rt.block_on(stats(addrs[0].addr.clone()))?;
+        let started = Instant::now();
         let tps = rt.block_on(throughput(&sched, n, args.stream_tokens, 16, vocab))?;
+        let wall = started.elapsed().as_secs_f64();
+        let after = rt.block_on(stats(addrs[0].addr.clone()))?;
+        let busy = (after.2 - before.2) as f64 / 1e6 / wall;
         let base = *one.get_or_insert(tps);
-        println!("| {n} | {tps:.1} | {:.2} |", tps / base);
+        println!(
+            "| {n} | {tps:.1} | {:.2} | {:.0}% |",
+            tps / base,
+            busy * 100.0
+        );
     }
     drop(cluster);
     Ok(())

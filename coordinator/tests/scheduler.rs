@@ -365,7 +365,8 @@ async fn smollm2_batched_requests_match_solo_runs() {
     let alone = run_alone(&handle, &reqs).await;
     let together = run_together(&handle, &reqs).await;
     assert_same(&alone, &together);
-    assert!(recorder.max_seqs.load(Ordering::SeqCst) >= 12);
+    // 16 requests over the scheduler's two lanes: half of them in one batch at least.
+    assert!(recorder.max_seqs.load(Ordering::SeqCst) >= 8);
     assert!(recorder.mixed.load(Ordering::SeqCst) > 0);
 }
 
@@ -740,16 +741,27 @@ async fn dropped_receiver_cancels_and_releases_the_sequence() {
     let mut rxs: Vec<_> = (0..3)
         .map(|_| handle.submit(req.clone()).unwrap())
         .collect();
-    pipeline.permits.add_permits(5);
-    for rx in &mut rxs {
-        for _ in 0..2 {
-            assert!(matches!(rx.recv().await, Some(GenEvent::Token(_))));
+    // One forward call at a time until every request has two tokens: how the requests spread over the
+    // scheduler's lanes does not matter.
+    let mut got = [0usize; 3];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while got.iter().any(|&n| n < 2) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no progress: {got:?}"
+        );
+        if pipeline.permits.available_permits() == 0 {
+            pipeline.permits.add_permits(1);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        for (rx, n) in rxs.iter_mut().zip(&mut got) {
+            while let Ok(ev) = rx.try_recv() {
+                assert!(matches!(ev, GenEvent::Token(_)));
+                *n += 1;
+            }
         }
     }
-    wait_until("five steps ran", async || {
-        pipeline.calls.load(Ordering::SeqCst) == 5
-    })
-    .await;
+    let calls = pipeline.calls.load(Ordering::SeqCst);
     assert_eq!(inner.stats().await.unwrap().sequences, 3);
     drop(rxs);
     pipeline.permits.add_permits(1000);
@@ -758,7 +770,9 @@ async fn dropped_receiver_cancels_and_releases_the_sequence() {
     })
     .await;
     assert_eq!(inner.stats().await.unwrap().kv_bytes, 0);
-    assert!(pipeline.calls.load(Ordering::SeqCst) <= 7);
+    // At most one more call per lane: the one each lane had already sent when the receivers went away.
+    let lanes = handle.stats().lanes;
+    assert!(pipeline.calls.load(Ordering::SeqCst) <= calls + lanes);
     // The pipeline still serves.
     let out = collect(
         handle

@@ -192,6 +192,15 @@ impl Checkpoint {
         }
     }
 
+    /// Drops the pages of `bytes` — tensor data this checkpoint lent out — from this process's resident set
+    /// (the engine calls it once it has re-laid a matrix out for its kernels and no longer reads the mapping).
+    pub fn release_bytes(&self, bytes: &[u8]) {
+        match &self.inner {
+            Inner::Gguf(set) => set.release_bytes(bytes),
+            Inner::Hf(hf) => hf.st.release_bytes(bytes),
+        }
+    }
+
     /// Drops the pages of rows `rows` of tensor `index` from this process's resident set (they stay in the
     /// page cache and fault back in if read again). Streaming `split` calls it after each chunk so that even
     /// one tensor larger than the memory limit (Llama 3's 128256-row embedding) never accumulates in RSS.

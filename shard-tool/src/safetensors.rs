@@ -308,6 +308,13 @@ impl SafetensorsSet {
         }
     }
 
+    /// Drops the pages of `bytes` (borrowed from one of these files) from the resident set.
+    pub fn release_bytes(&self, bytes: &[u8]) {
+        for (_, src) in &self.files {
+            src.release_bytes(bytes);
+        }
+    }
+
     fn source(&self, file: usize) -> Result<&(PathBuf, ByteSource)> {
         self.files.get(file).ok_or_else(|| {
             Error::malformed(

@@ -19,6 +19,8 @@ struct Piece {
     map: Mmap,
     /// Offset of this piece's first byte in the concatenation of all pieces.
     start: u64,
+    /// A mapping of a file (not anonymous memory): only then may its pages be dropped and re-read.
+    file_backed: bool,
 }
 
 /// Read-only view of one or more files concatenated, possibly windowed.
@@ -51,6 +53,7 @@ impl ByteSource {
                 path: path.clone(),
                 map,
                 start,
+                file_backed: true,
             });
             start += len;
         }
@@ -75,6 +78,7 @@ impl ByteSource {
                 path,
                 map,
                 start: 0,
+                file_backed: false,
             }],
             base: 0,
             len,
@@ -171,10 +175,26 @@ impl ByteSource {
     /// Tells the kernel we are done with `[offset, offset + len)`: its pages leave this process's resident set
     /// (they stay in the page cache). Streaming `split` calls this so a checkpoint larger than RAM never
     /// accumulates in RSS.
+    /// [`ByteSource::release`] for `bytes`, a slice this source handed out (borrowed from one of its maps);
+    /// anything else is ignored.
+    pub fn release_bytes(&self, bytes: &[u8]) {
+        let addr = bytes.as_ptr() as usize;
+        for p in self.pieces.iter().filter(|p| p.file_backed) {
+            let base = p.map.as_ptr() as usize;
+            if addr >= base && addr + bytes.len() <= base + p.map.len() {
+                let abs = p.start + (addr - base) as u64;
+                if let Some(offset) = abs.checked_sub(self.base) {
+                    self.release(offset, bytes.len() as u64);
+                }
+                return;
+            }
+        }
+    }
+
     pub fn release(&self, offset: u64, len: u64) {
         let abs = self.base + offset;
         let end = abs.saturating_add(len).min(self.base + self.len);
-        for p in &self.pieces {
+        for p in self.pieces.iter().filter(|p| p.file_backed) {
             let p_end = p.start + p.map.len() as u64;
             let lo = abs.max(p.start);
             let hi = end.min(p_end);

@@ -383,9 +383,30 @@ impl ShardDims {
                 ),
             ));
         }
+        // Pack a few MB at a time and drop the mapped pages of each packed chunk at once, so loading never
+        // holds a matrix twice (Llama 3's 128256-row embedding is hundreds of MB).
+        let row_bytes = data.len() / rows.max(1);
+        let mapped: Option<&[u8]> = match &data {
+            Cow::Borrowed(b) => Some(b),
+            Cow::Owned(_) => None,
+        };
+        let chunk_rows = ((8 << 20) / row_bytes.max(1)).max(16);
         let packed = QMatrix::new(ty, rows, cols, &data)
-            .and_then(|q| PackedMatrix::new(&q))
+            .and_then(|q| {
+                PackedMatrix::new_chunked(&q, chunk_rows, |done| {
+                    if let Some(m) = mapped {
+                        src.release(&m[done.start * row_bytes..done.end * row_bytes]);
+                    }
+                })
+            })
             .map_err(|e| Error::tensor(name, format!("packing for the matmul kernels: {e}")))?;
+        if packed.is_interleaved()
+            && let Cow::Borrowed(mapped) = &data
+        {
+            // The kernels read the packed copy from now on; keeping the mapped pages resident too would
+            // double the weights' memory. (Embedding lookups fault back only the rows they read.)
+            src.release(mapped);
+        }
         Ok(Matrix {
             name: name.to_owned(),
             ty,
@@ -416,6 +437,8 @@ impl ShardDims {
 trait TensorSource<'m> {
     /// The element type and bytes of `slice`, after checking that the stored shape is `shape`.
     fn read(&self, slice: &TensorSlice, shape: &[u64]) -> Result<(GgmlType, Cow<'m, [u8]>)>;
+    /// Drops `bytes` (returned by `read`) from the resident set; they fault back in if read again.
+    fn release(&self, bytes: &[u8]);
 }
 
 fn check_shape(name: &str, what: &str, got: &[u64], expected: &[u64]) -> Result<()> {
@@ -433,6 +456,10 @@ fn check_shape(name: &str, what: &str, got: &[u64], expected: &[u64]) -> Result<
 struct CheckpointSource<'m>(&'m Checkpoint);
 
 impl<'m> TensorSource<'m> for CheckpointSource<'m> {
+    fn release(&self, bytes: &[u8]) {
+        self.0.release_bytes(bytes);
+    }
+
     fn read(&self, slice: &TensorSlice, shape: &[u64]) -> Result<(GgmlType, Cow<'m, [u8]>)> {
         let ckpt = self.0;
         let name = &slice.name;
@@ -563,6 +590,10 @@ impl ShardDir {
 struct ShardFileSource<'m>(&'m ShardDir);
 
 impl<'m> TensorSource<'m> for ShardFileSource<'m> {
+    fn release(&self, bytes: &[u8]) {
+        self.0.file.release_bytes(bytes);
+    }
+
     fn read(&self, slice: &TensorSlice, shape: &[u64]) -> Result<(GgmlType, Cow<'m, [u8]>)> {
         let set = &self.0.file;
         let name = &slice.name;

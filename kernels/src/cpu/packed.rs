@@ -46,6 +46,58 @@ impl PackedMatrix {
         Kernels::best().pack(w)
     }
 
+    /// As [`PackedMatrix::new`], packing `rows_per_chunk` rows at a time (rounded up to whole 16-row groups)
+    /// and calling `done(rows)` after each chunk, so the caller can drop source pages it no longer needs: while
+    /// a memory-mapped model is packed, resident memory then grows by one chunk instead of one whole matrix.
+    /// The result is identical to [`PackedMatrix::new`]'s (the layouts are 16-row-group-major).
+    pub fn new_chunked(
+        w: &QMatrix,
+        rows_per_chunk: usize,
+        mut done: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<Self, KernelError> {
+        let k = Kernels::best();
+        let step = rows_per_chunk.max(1).div_ceil(GROUP) * GROUP;
+        let checked = QMatrix::new(w.ty, w.rows, w.cols, w.data)?;
+        if checked.rows <= step {
+            let p = k.pack(&checked)?;
+            if p.interleaved {
+                done(0..checked.rows);
+            }
+            return Ok(p);
+        }
+        let row_bytes = checked.data.len() / checked.rows;
+        let mut data = Vec::new();
+        for start in (0..checked.rows).step_by(step) {
+            let end = (start + step).min(checked.rows);
+            let sub = QMatrix::new(
+                w.ty,
+                end - start,
+                w.cols,
+                &checked.data[start * row_bytes..end * row_bytes],
+            )?;
+            let p = k.pack(&sub)?;
+            if !p.interleaved {
+                // No packed layout for this type: a plain copy, made in one piece.
+                return k.pack(&checked);
+            }
+            if start == 0 {
+                // Every layout is the same number of bytes per 16-row group: reserve exactly once.
+                let per_group = p.data.len() / step.div_ceil(GROUP);
+                data.reserve_exact(per_group * checked.rows.div_ceil(GROUP));
+            }
+            data.extend_from_slice(&p.data);
+            done(start..end);
+        }
+        Ok(PackedMatrix {
+            ty: w.ty,
+            rows: w.rows,
+            cols: w.cols,
+            isa: k.isa,
+            interleaved: true,
+            data,
+        })
+    }
+
     pub fn ty(&self) -> GgmlType {
         self.ty
     }
@@ -312,4 +364,51 @@ pub(crate) fn check_io(
         n_tokens * rows,
         y.len(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packing in row chunks gives the bytes of packing at once, for every layout and a partial last group.
+    #[test]
+    fn chunked_packing_equals_whole_packing() {
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            GgmlType::Q5_K,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::F32,
+        ];
+        let (rows, cols) = (37, 256);
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for ty in types {
+            let bytes = ty.bytes_for(cols).unwrap() * rows;
+            let data: Vec<u8> = (0..bytes)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            let w = QMatrix::new(ty, rows, cols, &data).unwrap();
+            let whole = PackedMatrix::new(&w).unwrap();
+            for chunk in [1, 16, 20, 64] {
+                let mut seen = Vec::new();
+                let parts = PackedMatrix::new_chunked(&w, chunk, |r| seen.push(r)).unwrap();
+                assert_eq!(parts.data, whole.data, "{ty:?} chunk {chunk}");
+                assert_eq!(parts.interleaved, whole.interleaved, "{ty:?}");
+                if whole.interleaved {
+                    assert_eq!(seen.first().map(|r| r.start), Some(0), "{ty:?}");
+                    assert!(seen.windows(2).all(|w| w[0].end == w[1].start), "{ty:?}");
+                    assert_eq!(seen.last().map(|r| r.end), Some(rows), "{ty:?}");
+                }
+            }
+        }
+    }
 }

@@ -58,6 +58,14 @@ pub struct GgufSet {
 }
 
 impl GgufSet {
+    /// Drops the pages of `bytes` (tensor data borrowed from this set) from the resident set; they fault
+    /// back in from the file if read again.
+    pub fn release_bytes(&self, bytes: &[u8]) {
+        for piece in &self.pieces {
+            piece.source.release_bytes(bytes);
+        }
+    }
+
     /// Opens whatever GGUF-family input `path` is: a plain file, any piece of a gguf-split set (siblings are
     /// found by name), the first (or any) byte-split `.catN` piece, or a llamafile. PyTorch pickles and other
     /// formats Tessera does not read are refused with what to convert them with.

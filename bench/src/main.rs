@@ -27,6 +27,35 @@ struct Args {
     threads: usize,
     #[arg(short = 'r', long, default_value_t = 3)]
     reps: usize,
+    /// Also measure this machine's memory read bandwidth with `threads` threads and print the weight
+    /// bytes one decode step reads, for the bandwidth bound of decode (bandwidth / bytes per token).
+    #[arg(long)]
+    bandwidth: bool,
+}
+
+/// Best-of-5 read bandwidth in GB/s: `threads` threads summing disjoint parts of a 1 GiB buffer (far larger
+/// than any cache), as a decode step streams its weights.
+fn read_bandwidth(threads: usize) -> f64 {
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let part = words.div_ceil(threads.max(1));
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sum: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(part)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
 }
 
 fn main() -> Result<()> {
@@ -88,6 +117,22 @@ fn main() -> Result<()> {
                 println!("{name}\ttg{}\t{:.2}", args.n_gen, args.n_gen as f64 / s);
             }
         }
+    }
+    if args.bandwidth {
+        // A decode step reads every matrix once, except the embedding (one row) unless it is also the LM
+        // head (tied embeddings).
+        let w = &engine.weights;
+        let mut bytes = w.bytes();
+        if let (Some(e), Some(h)) = (w.embedding(), w.lm_head())
+            && !std::ptr::eq(e, h)
+        {
+            bytes -= e.data.len();
+        }
+        println!("{name}\tweight_bytes_per_token\t{bytes}");
+        println!(
+            "{name}\tread_bandwidth_GBps\t{:.2}",
+            read_bandwidth(args.threads)
+        );
     }
     Ok(())
 }

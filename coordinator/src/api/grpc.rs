@@ -91,8 +91,11 @@ async fn poll_health(state: Arc<AppState>, reporter: HealthReporter) {
         let status = match super::check_health(&state).await {
             Ok(()) => ServingStatus::Serving,
             Err(e) => {
-                if last != Some(ServingStatus::NotServing) {
+                // Before the first success the cluster is still forming: not worth a warning.
+                if last == Some(ServingStatus::Serving) {
                     tracing::warn!("health check failed: {e}");
+                } else if last.is_none() {
+                    tracing::info!("not serving yet: {e}");
                 }
                 ServingStatus::NotServing
             }

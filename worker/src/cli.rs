@@ -38,6 +38,12 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "ADDR")]
     pub peer_listen: Option<SocketAddr>,
 
+    /// Peer-link address (HOST:PORT) to report to the coordinator, which hands it to the other ranks of the
+    /// stage: needed when --peer-listen binds 0.0.0.0 or the worker is reached through NAT or a Kubernetes
+    /// Service. Default: the bound peer-link address.
+    #[arg(long, value_name = "ADDR")]
+    pub peer_advertise: Option<String>,
+
     /// Once both listeners are bound, write "GRPC_ADDR PEER_ADDR" (one line) to PATH, so that a launcher
     /// can learn the ports picked for port 0. Written atomically (temporary file, then rename).
     #[arg(long, value_name = "PATH")]
@@ -180,15 +186,18 @@ async fn serve_shard(
         write_addr_file(path, grpc_addr, peer_addr)
             .with_context(|| format!("writing --addr-file {}", path.display()))?;
     }
-    if peer_addr.ip().is_unspecified() {
-        warn!(%peer_addr, "the peer address is unspecified (0.0.0.0 / ::): Describe reports it as is, so the coordinator must be given reachable peer addresses");
+    if peer_addr.ip().is_unspecified() && args.peer_advertise.is_none() {
+        warn!(%peer_addr, "the peer address is unspecified (0.0.0.0 / ::) and no --peer-advertise was given: other ranks cannot dial it");
     }
 
     let (stage, rank) = (args.stage, args.rank);
-    let service = tokio::task::spawn_blocking(move || WorkerService::start(shard, peers, options))
-        .await
-        .context("loading the shard")?
-        .with_context(|| format!("loading shard (stage {stage}, rank {rank})"))?;
+    let advertise = args.peer_advertise.clone();
+    let service = tokio::task::spawn_blocking(move || {
+        WorkerService::start_advertised(shard, peers, options, advertise)
+    })
+    .await
+    .context("loading the shard")?
+    .with_context(|| format!("loading shard (stage {stage}, rank {rank})"))?;
     let d = service.describe_now();
     info!(
         %grpc_addr,

@@ -151,6 +151,18 @@ impl WorkerService {
         peers: PeerListener,
         options: ServiceOptions,
     ) -> Result<WorkerService> {
+        Self::start_advertised(shard, peers, options, None)
+    }
+
+    /// As [`WorkerService::start`], reporting `advertise` (HOST:PORT) as the peer-link address in Describe
+    /// instead of the listener's own address: for a listener bound to 0.0.0.0, or behind NAT / a Kubernetes
+    /// Service, the address the other ranks must dial.
+    pub fn start_advertised(
+        shard: ShardDir,
+        peers: PeerListener,
+        options: ServiceOptions,
+        advertise: Option<String>,
+    ) -> Result<WorkerService> {
         let shard: &'static ShardDir = Box::leak(Box::new(shard));
         let config = shard.config();
         let spec = &shard.spec;
@@ -229,7 +241,7 @@ impl WorkerService {
             max_batch_tokens: options.engine.max_batch_tokens as u32,
             max_logits: options.engine.max_logits as u32,
             max_context: options.max_context as u32,
-            peer_addr: peers.local_addr().to_string(),
+            peer_addr: advertise.unwrap_or_else(|| peers.local_addr().to_string()),
             epoch: 0,
             model,
         };
@@ -405,7 +417,7 @@ impl Worker for WorkerService {
             st.poisoned = Some("JoinGroup has not finished".into());
         }
         let epoch = req.epoch;
-        let own = s.listener.local_addr().to_string();
+        let own = s.info.peer_addr.clone();
         if req.peers[core.rank] != own {
             warn!(
                 epoch,
@@ -579,7 +591,9 @@ impl EngineThread {
                     collective,
                     reply,
                 } => {
-                    let _ = reply.send(self.join(epoch, collective));
+                    let r = self.join(epoch, collective);
+                    self.publish();
+                    let _ = reply.send(r);
                 }
                 Command::Forward {
                     epoch,
@@ -588,7 +602,9 @@ impl EngineThread {
                     hidden,
                     reply,
                 } => {
-                    let _ = reply.send(self.forward(epoch, &seqs, &tokens, &hidden));
+                    let r = self.forward(epoch, &seqs, &tokens, &hidden);
+                    self.publish();
+                    let _ = reply.send(r);
                 }
                 Command::Release {
                     epoch,
@@ -596,14 +612,20 @@ impl EngineThread {
                     reply,
                 } => {
                     let r = self.admit(epoch).map(|()| self.seqs.release(&seq_ids));
+                    self.publish();
                     let _ = reply.send(r);
                 }
             }
-            let c = &self.core.counters;
-            c.sequences.store(self.seqs.len() as u64, Ordering::Relaxed);
-            c.kv_bytes.store(self.seqs.kv_bytes(), Ordering::Relaxed);
         }
         info!("engine thread stopped");
+    }
+
+    /// Updates the counters Stats reads — before a command is answered, so a client that got the answer
+    /// sees its effect.
+    fn publish(&self) {
+        let c = &self.core.counters;
+        c.sequences.store(self.seqs.len() as u64, Ordering::Relaxed);
+        c.kv_bytes.store(self.seqs.kv_bytes(), Ordering::Relaxed);
     }
 
     fn join(&mut self, epoch: u64, collective: Box<dyn Collective>) -> Result<(), Status> {

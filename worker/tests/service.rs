@@ -696,3 +696,25 @@ async fn smollm2_tensor_parallel_says_paris() {
         max_abs_diff(&logits, &want)
     );
 }
+
+/// `--peer-advertise`: Describe reports the given peer-link address instead of the bound one (a worker bound
+/// to 0.0.0.0, behind NAT or a Kubernetes Service).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advertised_peer_address_is_what_describe_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shards");
+    split_into(&fixtures().join(F32), 2, 1, &dir);
+    let shard = ShardDir::open(&dir, 0, 1).unwrap();
+    let peers = PeerListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let bound = peers.local_addr();
+    let opts = service_options();
+    let service = tokio::task::spawn_blocking(move || {
+        WorkerService::start_advertised(shard, peers, opts, Some("worker-1.tessera:7001".into()))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let d = service.describe_now();
+    assert_eq!(d.peer_addr, "worker-1.tessera:7001");
+    assert_eq!(service.peer_addr(), bound);
+}

@@ -15,6 +15,20 @@ use super::isa::{Isa, Kernels, TileFn};
 use super::layout::type_slot;
 use crate::quant::GgmlType;
 
+/// The matmul output pointer shared by the pool's threads of one packed matmul.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: each packed matmul's threads write disjoint (token, row group) outputs, and `Pool::run` joins them
+// before the borrow of the output ends.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The AVX-512 table, with VNNI kernels when `vnni`. Only called after the level was detected.
 pub(crate) fn kernels(vnni: bool) -> Kernels {
     let mut k = super::avx2::kernels();

@@ -16,7 +16,7 @@ use crate::cpu::packed::{GROUP, check_io, record_layout};
 use crate::cpu::{KernelError, Pool, Scratch};
 use crate::quant::GgmlType;
 
-use super::packed_k;
+use super::{SharedOut, packed_k};
 
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
@@ -24,18 +24,6 @@ const Q8_0: u8 = 2;
 
 /// Tokens per tile.
 const T_TILE: usize = 4;
-
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: threads write disjoint row groups of the output; `Pool::run` joins them before the borrow ends.
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// The 4 activation bytes at `p` broadcast to every lane.
 #[inline]

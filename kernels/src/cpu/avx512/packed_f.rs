@@ -16,6 +16,7 @@
 use std::arch::x86_64::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::SharedOut;
 use crate::cpu::isa::Kernels;
 use crate::cpu::layout::VecDotType;
 use crate::cpu::packed::{GROUP, check_io};
@@ -31,18 +32,6 @@ const BF16_DP: u8 = 3;
 
 /// Tokens per prefill tile.
 const T_TILE: usize = 4;
-
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: threads write disjoint (token, row group) outputs; `Pool::run` joins them before the borrow ends.
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// One 16-row group × `T` tokens over `steps` steps. `w`: the group's steps (64 bytes each; F16: 32);
 /// `a`: token 0's activations (f32 for F32/F16, bf16 for BF16), tokens `a_stride` bytes apart; `out`: `y`

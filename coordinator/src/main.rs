@@ -11,9 +11,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use shard_tool::checkpoint::Checkpoint;
-use shard_tool::manifest::MANIFEST_NAME;
-use shard_tool::plan::{Topology, plan};
 use tessera::chat::{ChatMessage, ChatTemplate};
 use tessera::generate::generate;
 use tessera::launcher::{LaunchSpec, LocalCluster, prepare_shards};
@@ -22,8 +19,7 @@ use tessera::serve::local::LocalPipeline;
 use tessera::serve::remote::{RemoteOptions, RemotePipeline, WorkerAddr};
 use tessera::serve::{Pipeline, SchedulerConfig};
 use tessera::tokenizer::Tokenizer;
-use tessera_kernels::cpu::Pool;
-use tessera_worker::{Engine, EngineOptions, ShardDir, SingleRank, Weights};
+use tessera_worker::{Engine, EngineOptions};
 
 #[derive(Parser)]
 #[command(
@@ -257,7 +253,6 @@ fn run(args: RunArgs) -> Result<()> {
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
-    let pool = Arc::new(Pool::new(threads));
     let options = EngineOptions {
         max_batch_tokens: 512,
         max_logits: 1,
@@ -273,51 +268,12 @@ fn run(args: RunArgs) -> Result<()> {
         stop: args.stop.clone(),
         ..SamplingParams::default()
     };
-    let first = &args.model[0];
-    if args.model.len() == 1 && first.join(MANIFEST_NAME).is_file() {
-        let dir = ShardDir::open(first, 0, 0)
-            .with_context(|| format!("opening shard directory {}", first.display()))?;
-        if dir.manifest.plan.shards.len() != 1 {
-            bail!(
-                "{} holds {} shards (tp={}, pp={}); `tessera run` runs a single shard — serve the set with `tessera serve`",
-                first.display(),
-                dir.manifest.plan.shards.len(),
-                dir.manifest.plan.topology.tp,
-                dir.manifest.plan.topology.pp
-            );
-        }
-        let tokenizer = Tokenizer::from_shard_dir(first, &dir.manifest)?;
-        let template = dir.manifest.chat_template.clone();
-        let weights = Weights::from_shard_dir(&dir)?;
-        let engine = Engine::new(
-            weights,
-            dir.config().clone(),
-            dir.spec.clone(),
-            Box::new(SingleRank),
-            pool,
-            options,
-        )?;
-        return run_engine(engine, &tokenizer, template.as_deref(), &args, &params);
-    }
-    let ckpt =
-        Checkpoint::open(&args.model).with_context(|| format!("opening {}", first.display()))?;
-    let tokenizer = Tokenizer::from_checkpoint(&ckpt).context("building the tokenizer")?;
-    let spec = plan(&ckpt.config, &ckpt.tensors, &Topology::new(1, 1))?
-        .shards
-        .remove(0);
-    let weights = Weights::from_checkpoint(&ckpt, &spec)?;
-    let engine = Engine::new(
-        weights,
-        ckpt.config.clone(),
-        spec,
-        Box::new(SingleRank),
-        pool,
-        options,
-    )?;
+    let opened = tessera::serve::local::open_model(&args.model, threads, options)
+        .with_context(|| format!("opening {}", args.model[0].display()))?;
     run_engine(
-        engine,
-        &tokenizer,
-        ckpt.chat_template.as_deref(),
+        opened.engine,
+        &opened.tokenizer,
+        opened.template.as_deref(),
         &args,
         &params,
     )

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use futures::FutureExt;
 use shard_tool::manifest::Manifest;
 
 use crate::api::{self, AppState};
@@ -26,15 +25,8 @@ pub fn model_from_shards(
         .with_context(|| format!("reading the tokenizer of {}", dir.display()))?;
     let template = ChatTemplate::for_model(manifest.chat_template.as_deref(), &tokenizer)
         .context("compiling the model's chat template")?;
-    let id = manifest
-        .source
-        .paths
-        .first()
-        .and_then(|p| p.file_stem())
-        .and_then(|s| s.to_str())
-        .map(str::to_owned)
-        .or_else(|| manifest.config.name.clone())
-        .unwrap_or_else(|| "model".into());
+    let source = manifest.source.paths.first().cloned().unwrap_or_default();
+    let id = crate::serve::local::model_id(&source, manifest.config.name.as_deref());
     Ok(ServedModel {
         id,
         tokenizer: Arc::new(tokenizer),
@@ -87,55 +79,13 @@ pub async fn run(
         scheduler,
         Some(api::metrics::install()),
     ));
-    let shutdown = shutdown.boxed().shared();
-    let http_listener = match http {
-        Some(addr) => Some(
-            api::bind(addr)
-                .await
-                .with_context(|| format!("binding the HTTP address {addr}"))?,
-        ),
-        None => None,
-    };
-    let grpc_listener = match grpc {
-        Some(addr) => Some(
-            api::bind(addr)
-                .await
-                .with_context(|| format!("binding the gRPC address {addr}"))?,
-        ),
-        None => None,
-    };
+    let (http_listener, grpc_listener) = api::bind_listeners(http, grpc).await?;
     let bound = BoundAddrs {
         http: http_listener.as_ref().map(|l| l.local_addr()).transpose()?,
         grpc: grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?,
     };
-    if let Some(a) = bound.http {
-        tracing::info!("OpenAI-compatible HTTP API on http://{a}");
-    }
-    if let Some(a) = bound.grpc {
-        tracing::info!("tessera.v1 gRPC API on {a}");
-    }
     on_bound(bound)?;
-    let http_task = {
-        let (state, shutdown) = (state.clone(), shutdown.clone());
-        async move {
-            if let Some(l) = http_listener {
-                api::serve_http(l, state, shutdown)
-                    .await
-                    .context("serving HTTP")?;
-            }
-            anyhow::Ok(())
-        }
-    };
-    let grpc_task = async move {
-        if let Some(l) = grpc_listener {
-            api::serve_grpc(l, state, shutdown)
-                .await
-                .context("serving gRPC")?;
-        }
-        anyhow::Ok(())
-    };
-    tokio::try_join!(http_task, grpc_task)?;
-    Ok(())
+    api::serve_bound(state, http_listener, grpc_listener, shutdown).await
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -169,32 +169,46 @@ pub async fn serve(
     grpc: Option<SocketAddr>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let (http_listener, grpc_listener) = bind_listeners(http, grpc).await?;
+    serve_bound(state, http_listener, grpc_listener, shutdown).await
+}
+
+/// Binds the HTTP and gRPC listeners (either may be `None`; port 0 picks a free port) and logs where they
+/// listen.
+pub async fn bind_listeners(
+    http: Option<SocketAddr>,
+    grpc: Option<SocketAddr>,
+) -> anyhow::Result<(Option<TcpListener>, Option<TcpListener>)> {
+    Ok((
+        bind_logged(http, "OpenAI-compatible HTTP API").await?,
+        bind_logged(grpc, "tessera.v1 gRPC API").await?,
+    ))
+}
+
+async fn bind_logged(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    use anyhow::Context;
+    let Some(addr) = addr else { return Ok(None) };
+    let listener = bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} address {addr}"))?;
+    tracing::info!("{what} on {}", listener.local_addr()?);
+    Ok(Some(listener))
+}
+
+/// Serves the HTTP API and the gRPC API on listeners already bound (either may be `None`) until `shutdown`
+/// completes.
+pub async fn serve_bound(
+    state: Arc<AppState>,
+    http: Option<TcpListener>,
+    grpc: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let shutdown = shutdown.boxed().shared();
-    let http_listener = match http {
-        Some(addr) => Some(
-            bind(addr)
-                .await
-                .with_context(|| format!("binding the HTTP address {addr}"))?,
-        ),
-        None => None,
-    };
-    let grpc_listener = match grpc {
-        Some(addr) => Some(
-            bind(addr)
-                .await
-                .with_context(|| format!("binding the gRPC address {addr}"))?,
-        ),
-        None => None,
-    };
     let http_task = {
         let (state, shutdown) = (state.clone(), shutdown.clone());
         async move {
-            if let Some(listener) = http_listener {
-                tracing::info!(
-                    "OpenAI-compatible HTTP API on http://{}",
-                    listener.local_addr()?
-                );
+            if let Some(listener) = http {
                 serve_http(listener, state, shutdown)
                     .await
                     .context("serving HTTP")?;
@@ -203,8 +217,7 @@ pub async fn serve(
         }
     };
     let grpc_task = async move {
-        if let Some(listener) = grpc_listener {
-            tracing::info!("tessera.v1 gRPC API on {}", listener.local_addr()?);
+        if let Some(listener) = grpc {
             serve_grpc(listener, state, shutdown)
                 .await
                 .context("serving gRPC")?;

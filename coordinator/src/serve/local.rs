@@ -166,76 +166,25 @@ impl LocalPipeline {
     }
 
     /// Opens a model for serving in this process: a checkpoint (GGUF file, gguf-split set, llamafile,
-    /// safetensors directory …) or a shard directory holding a single shard. `threads` run the kernels;
-    /// `max_context` is the longest prompt + completion of one request. The checkpoint is leaked: a server
-    /// holds its model for its whole life.
+    /// safetensors directory …) or a shard directory holding a single shard (see [`open_model`]). `threads`
+    /// run the kernels; `max_context` is the longest prompt + completion of one request.
     pub fn open(
         paths: &[PathBuf],
         threads: usize,
         max_context: usize,
         options: EngineOptions,
     ) -> Result<(LocalPipeline, ServedModel), LocalError> {
-        if threads == 0 {
-            return Err(LocalError::Zero { field: "threads" });
-        }
         if max_context == 0 {
             return Err(LocalError::Zero {
                 field: "max_context",
             });
         }
-        let pool = Arc::new(Pool::new(threads));
-        let first = paths.first().cloned().unwrap_or_default();
-        let (engine, tokenizer, template, id) =
-            if paths.len() == 1 && first.join(MANIFEST_NAME).is_file() {
-                let dir = ShardDir::open(&first, 0, 0)?;
-                let (shards, topo) = (dir.manifest.plan.shards.len(), &dir.manifest.plan.topology);
-                if shards != 1 {
-                    return Err(LocalError::ShardSet {
-                        path: first,
-                        shards,
-                        tp: topo.tp,
-                        pp: topo.pp,
-                    });
-                }
-                let dir: &'static ShardDir = Box::leak(Box::new(dir));
-                let tokenizer = Tokenizer::from_shard_dir(&first, &dir.manifest)?;
-                let weights = Weights::from_shard_dir(dir)?;
-                let engine = Engine::new(
-                    weights,
-                    dir.config().clone(),
-                    dir.spec.clone(),
-                    Box::new(SingleRank),
-                    pool,
-                    options,
-                )?;
-                let id = model_id(&first, dir.config().name.as_deref());
-                (engine, tokenizer, dir.manifest.chat_template.clone(), id)
-            } else {
-                let ckpt = Checkpoint::open(paths).map_err(|source| LocalError::Open {
-                    path: first.clone(),
-                    source,
-                })?;
-                let ckpt: &'static Checkpoint = Box::leak(Box::new(ckpt));
-                let tokenizer = Tokenizer::from_checkpoint(ckpt)?;
-                let spec = plan(&ckpt.config, &ckpt.tensors, &Topology::new(1, 1))
-                    .map_err(|source| LocalError::Open {
-                        path: first.clone(),
-                        source,
-                    })?
-                    .shards
-                    .remove(0);
-                let weights = Weights::from_checkpoint(ckpt, &spec)?;
-                let engine = Engine::new(
-                    weights,
-                    ckpt.config.clone(),
-                    spec,
-                    Box::new(SingleRank),
-                    pool,
-                    options,
-                )?;
-                let id = model_id(&first, ckpt.config.name.as_deref());
-                (engine, tokenizer, ckpt.chat_template.clone(), id)
-            };
+        let OpenedModel {
+            engine,
+            tokenizer,
+            template,
+            id,
+        } = open_model(paths, threads, options)?;
         let n_ctx_train = engine.config.n_ctx_train;
         if n_ctx_train > 0 && max_context > n_ctx_train {
             warn!(
@@ -277,7 +226,91 @@ impl LocalPipeline {
 }
 
 /// The file stem (what the operator named the model) or, without one, the checkpoint's `general.name`.
-fn model_id(path: &Path, name: Option<&str>) -> String {
+/// A whole model opened in this process: the engine (one stage, one rank), its tokenizer, chat template
+/// source and id.
+pub struct OpenedModel {
+    pub engine: Engine<'static>,
+    pub tokenizer: Tokenizer,
+    pub template: Option<String>,
+    /// The id clients pass as `model` (file stem, else `general.name`).
+    pub id: String,
+}
+
+/// Opens `paths` — any checkpoint the readers accept, or a shard directory holding a single shard — as one
+/// engine on a pool of `threads` threads: what `tessera run` and `tessera serve MODEL` both run. The
+/// checkpoint (or shard directory) is leaked: a process holds its model for its whole life.
+pub fn open_model(
+    paths: &[PathBuf],
+    threads: usize,
+    options: EngineOptions,
+) -> Result<OpenedModel, LocalError> {
+    if threads == 0 {
+        return Err(LocalError::Zero { field: "threads" });
+    }
+    let pool = Arc::new(Pool::new(threads));
+    let first = paths.first().cloned().unwrap_or_default();
+    if paths.len() == 1 && first.join(MANIFEST_NAME).is_file() {
+        let dir = ShardDir::open(&first, 0, 0)?;
+        let (shards, topo) = (dir.manifest.plan.shards.len(), &dir.manifest.plan.topology);
+        if shards != 1 {
+            return Err(LocalError::ShardSet {
+                path: first,
+                shards,
+                tp: topo.tp,
+                pp: topo.pp,
+            });
+        }
+        let dir: &'static ShardDir = Box::leak(Box::new(dir));
+        let tokenizer = Tokenizer::from_shard_dir(&first, &dir.manifest)?;
+        let weights = Weights::from_shard_dir(dir)?;
+        let engine = Engine::new(
+            weights,
+            dir.config().clone(),
+            dir.spec.clone(),
+            Box::new(SingleRank),
+            pool,
+            options,
+        )?;
+        let id = model_id(&first, dir.config().name.as_deref());
+        return Ok(OpenedModel {
+            engine,
+            tokenizer,
+            template: dir.manifest.chat_template.clone(),
+            id,
+        });
+    }
+    let ckpt = Checkpoint::open(paths).map_err(|source| LocalError::Open {
+        path: first.clone(),
+        source,
+    })?;
+    let ckpt: &'static Checkpoint = Box::leak(Box::new(ckpt));
+    let tokenizer = Tokenizer::from_checkpoint(ckpt)?;
+    let spec = plan(&ckpt.config, &ckpt.tensors, &Topology::new(1, 1))
+        .map_err(|source| LocalError::Open {
+            path: first.clone(),
+            source,
+        })?
+        .shards
+        .remove(0);
+    let weights = Weights::from_checkpoint(ckpt, &spec)?;
+    let engine = Engine::new(
+        weights,
+        ckpt.config.clone(),
+        spec,
+        Box::new(SingleRank),
+        pool,
+        options,
+    )?;
+    Ok(OpenedModel {
+        engine,
+        tokenizer,
+        template: ckpt.chat_template.clone(),
+        id: model_id(&first, ckpt.config.name.as_deref()),
+    })
+}
+
+/// The id clients pass as `model`: the file stem of `path`, else the model's name, else "model".
+pub(crate) fn model_id(path: &Path, name: Option<&str>) -> String {
     let stem = path
         .file_stem()
         .and_then(|s| s.to_str())

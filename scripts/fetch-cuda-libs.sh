@@ -25,7 +25,7 @@ if [ -f "$STAMP" ] && [ -e "$LIB/libnvrtc.so.12" ]; then
 fi
 
 mkdir -p "$DL" "$LIB"
-wheel() { ls "$DL"/nvidia_cuda_nvrtc_cu12-"$VERSION"-*.whl 2>/dev/null | head -n 1; }
+wheel() { ls "$DL"/nvidia_cuda_nvrtc_cu12-"$VERSION"-*.whl 2>/dev/null | head -n 1 || true; }
 if [ -z "$(wheel)" ]; then
     log "downloading $PACKAGE==$VERSION (about 90 MB)"
     "$PY" -m pip download --no-deps --only-binary=:all: -d "$DL" "$PACKAGE==$VERSION" >&2

@@ -13,6 +13,8 @@
 //!
 //! Files: `compile` (the source, its entry points, NVRTC), `gpu` (device, memory, operations), `mirror`
 //! (tests only: the Q4_K/Q6_K thread-to-data mapping of the kernels in Rust, checked against `quant`).
+//! Without a GPU, `tests/cuda_compile.rs` compiles the source with a real NVRTC and
+//! `scripts/cuda-emu-test.sh` runs every kernel on the CPU under a small CUDA emulation (g++).
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};

@@ -29,7 +29,7 @@ mod gpu;
 mod mirror;
 
 pub use compile::{KERNEL_NAMES, KERNELS_SRC, compile_cubin, compile_ptx};
-pub use gpu::{AttnShape, Gpu, GpuMatrix, RowStats};
+pub use gpu::{AttnShape, GEMM_MIN_TOKENS, GEMM_MIN_TOKENS_QUANT, Gpu, GpuMatrix, RowStats};
 
 /// Errors of the CUDA backend. Operations never panic on caller input; they answer `Shape`.
 #[derive(Debug, Error)]

@@ -125,6 +125,7 @@ fn main() -> Result<()> {
     let options = EngineOptions {
         max_batch_tokens: 512,
         max_logits: 64,
+        ..tessera_worker::EngineOptions::default()
     };
     let ctx = 1024;
     let (local, model) = LocalPipeline::open(
@@ -153,6 +154,7 @@ fn main() -> Result<()> {
         tp: 2,
         pp: 1,
         threads: (args.threads / 2).max(1),
+        devices: Vec::new(),
         extra_args: vec!["--max-context".into(), ctx.to_string()],
         run_dir: args.work_dir.join("run"),
         ready_timeout: Duration::from_secs(600),

@@ -69,6 +69,7 @@ fn main() -> Result<()> {
     let options = EngineOptions {
         max_batch_tokens: args.prompt.max(1),
         max_logits: 1,
+        ..tessera_worker::EngineOptions::default()
     };
     let mut engine = Engine::new(
         weights,

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use tessera_worker::Device;
+
 use crate::serve::remote::WorkerAddr;
 
 #[derive(Debug, Error)]
@@ -42,6 +44,16 @@ pub enum LaunchError {
         timeout: Duration,
         log: String,
     },
+    #[error(
+        "--device lists {given} devices for {n} workers (tp={tp} × pp={pp}): give one device for all workers, or \
+         one per worker in stage-major order"
+    )]
+    Devices {
+        given: usize,
+        n: usize,
+        tp: usize,
+        pp: usize,
+    },
     #[error("{tp}×{pp} workers need {n} loopback addresses, more than 127.0.0.2..127.0.0.254 hold")]
     TooManyWorkers { tp: usize, pp: usize, n: usize },
     #[error("{path}: {source}")]
@@ -61,6 +73,9 @@ pub struct LaunchSpec {
     pub pp: usize,
     /// Compute threads of each worker.
     pub threads: usize,
+    /// Where each worker runs its shard: empty (all on the CPU), one device for all, or one per worker in
+    /// stage-major order (stage 0 rank 0, stage 0 rank 1, …) for a mixed GPU/CPU cluster.
+    pub devices: Vec<Device>,
     /// Extra worker arguments (e.g. `--max-context 8192`).
     pub extra_args: Vec<String>,
     /// Where worker logs and address files go.
@@ -110,6 +125,14 @@ impl LocalCluster {
                 tp: spec.tp,
                 pp: spec.pp,
                 n,
+            });
+        }
+        if spec.devices.len() > 1 && spec.devices.len() != n {
+            return Err(LaunchError::Devices {
+                given: spec.devices.len(),
+                n,
+                tp: spec.tp,
+                pp: spec.pp,
             });
         }
         std::fs::create_dir_all(&spec.run_dir).map_err(|source| LaunchError::Io {
@@ -213,6 +236,17 @@ impl Drop for LocalCluster {
     }
 }
 
+impl LaunchSpec {
+    /// The device of worker (`stage`, `rank`).
+    pub fn device_of(&self, stage: usize, rank: usize) -> Device {
+        match self.devices.as_slice() {
+            [] => Device::Cpu,
+            [one] => *one,
+            all => all.get(stage * self.tp + rank).copied().unwrap_or_default(),
+        }
+    }
+}
+
 fn addr_file(spec: &LaunchSpec, stage: usize, rank: usize) -> PathBuf {
     spec.run_dir
         .join(format!("worker-s{stage:02}-r{rank:02}.addr"))
@@ -256,6 +290,7 @@ fn spawn_worker(
         .arg("--addr-file")
         .arg(&addr_path)
         .args(["--threads", &spec.threads.to_string()])
+        .args(["--device", &spec.device_of(stage, rank).to_string()])
         .args(&spec.extra_args)
         .stdin(Stdio::null())
         .stdout(log_file)

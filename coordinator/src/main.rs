@@ -19,7 +19,7 @@ use tessera::serve::local::LocalPipeline;
 use tessera::serve::remote::{RemoteOptions, RemotePipeline, WorkerAddr};
 use tessera::serve::{Pipeline, SchedulerConfig};
 use tessera::tokenizer::Tokenizer;
-use tessera_worker::{Engine, EngineOptions};
+use tessera_worker::{Device, Engine, EngineOptions};
 
 #[derive(Parser)]
 #[command(
@@ -151,6 +151,14 @@ struct ServeArgs {
     /// Compute threads when serving in this process (default: all cores).
     #[arg(short, long)]
     threads: Option<usize>,
+    /// Where to run the model when serving in this process: `cpu` or `cuda:N`.
+    #[arg(
+        long,
+        value_name = "DEVICE",
+        default_value = "cpu",
+        env = "TESSERA_DEVICE"
+    )]
+    device: Device,
     #[command(flatten)]
     listen: ListenArgs,
 }
@@ -171,6 +179,16 @@ struct ClusterArgs {
     /// Compute threads of each worker (default: cores / workers, at least 1).
     #[arg(short, long)]
     threads: Option<usize>,
+    /// Where the workers run: `cpu`, `cuda:N`, or a comma-separated list with one device per worker in
+    /// stage-major order (e.g. `--tp 2 --pp 2 --device cuda:0,cuda:1,cpu,cpu`: stage 0 on two GPUs, stage 1
+    /// on the CPU).
+    #[arg(
+        long,
+        value_name = "DEVICE",
+        value_delimiter = ',',
+        default_value = "cpu"
+    )]
+    device: Vec<Device>,
     /// Restart a worker that exits on its own (the coordinator re-forms the cluster when it is back).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     restart_workers: bool,
@@ -217,6 +235,14 @@ struct RunArgs {
     /// Compute threads (default: all cores).
     #[arg(short, long)]
     threads: Option<usize>,
+    /// Where to run the model: `cpu`, or `cuda:N` for GPU N (needs an NVIDIA driver).
+    #[arg(
+        long,
+        value_name = "DEVICE",
+        default_value = "cpu",
+        env = "TESSERA_DEVICE"
+    )]
+    device: Device,
     /// Print the prompt and timings to stderr.
     #[arg(long)]
     verbose_prompt: bool,
@@ -256,6 +282,7 @@ fn run(args: RunArgs) -> Result<()> {
     let options = EngineOptions {
         max_batch_tokens: 512,
         max_logits: 1,
+        device: args.device,
     };
     let params = SamplingParams {
         temperature: args.temp,
@@ -371,6 +398,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let options = EngineOptions {
             max_batch_tokens: 512,
             max_logits: 64,
+            device: args.device,
         };
         let (pipeline, model) = LocalPipeline::open(&args.model, threads, args.listen.ctx, options)
             .with_context(|| format!("opening {}", args.model[0].display()))?;
@@ -484,6 +512,7 @@ fn cluster(args: ClusterArgs) -> Result<()> {
         tp: topo.tp,
         pp: topo.pp,
         threads,
+        devices: args.device.clone(),
         extra_args: vec!["--max-context".into(), args.listen.ctx.to_string()],
         run_dir: run_dir.clone(),
         ready_timeout: std::time::Duration::from_secs(600),

@@ -41,6 +41,7 @@ async fn start() -> Servers {
         EngineOptions {
             max_batch_tokens: 64,
             max_logits: 8,
+            ..tessera_worker::EngineOptions::default()
         },
     )
     .unwrap();

@@ -50,6 +50,7 @@ fn single_process(
     let opts = EngineOptions {
         max_batch_tokens: 512,
         max_logits: 512,
+        ..tessera_worker::EngineOptions::default()
     };
     let mut engine = Engine::new(
         weights,

@@ -49,6 +49,7 @@ fn service_options() -> ServiceOptions {
         engine: EngineOptions {
             max_batch_tokens: 64,
             max_logits: 16,
+            ..tessera_worker::EngineOptions::default()
         },
         max_context: 128,
         kv_budget_bytes: None,

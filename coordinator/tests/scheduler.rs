@@ -87,6 +87,7 @@ fn tiny_options() -> EngineOptions {
     EngineOptions {
         max_batch_tokens: 64,
         max_logits: 16,
+        ..EngineOptions::default()
     }
 }
 
@@ -352,6 +353,7 @@ async fn smollm2_batched_requests_match_solo_runs() {
         EngineOptions {
             max_batch_tokens: 256,
             max_logits: 32,
+            ..tessera_worker::EngineOptions::default()
         },
     );
     let pipeline = Arc::new(LocalPipeline::new(Sequences::new(engine, 512, None)).unwrap());
@@ -394,6 +396,7 @@ async fn scheduler_matches_single_sequence_generate() {
         EngineOptions {
             max_batch_tokens: chunk,
             max_logits: 1,
+            ..tessera_worker::EngineOptions::default()
         },
     );
     for (i, (req, got)) in reqs.iter().zip(&together).enumerate() {

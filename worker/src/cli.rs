@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tracing::{info, warn};
 
+use crate::backend::Device;
 use crate::engine::EngineOptions;
 use crate::peer::PeerListener;
 use crate::service::{ServiceOptions, WorkerService, serve};
@@ -48,6 +49,16 @@ pub struct WorkerArgs {
     /// can learn the ports picked for port 0. Written atomically (temporary file, then rename).
     #[arg(long, value_name = "PATH")]
     pub addr_file: Option<PathBuf>,
+
+    /// Where to run the shard: `cpu`, or `cuda:N` for GPU N (weights uploaded to GPU memory once at start;
+    /// needs an NVIDIA driver: without one the worker stops with a message naming the missing library).
+    #[arg(
+        long,
+        value_name = "DEVICE",
+        default_value = "cpu",
+        env = "TESSERA_DEVICE"
+    )]
+    pub device: Device,
 
     /// Threads for the compute kernels. Default: every available core.
     #[arg(long, value_name = "N")]
@@ -158,6 +169,7 @@ fn options(args: &WorkerArgs, shard: &ShardDir) -> anyhow::Result<ServiceOptions
         engine: EngineOptions {
             max_batch_tokens: args.max_batch_tokens,
             max_logits: args.max_logits,
+            device: args.device,
         },
         max_context,
         kv_budget_bytes,

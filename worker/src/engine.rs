@@ -1,17 +1,20 @@
-//! `Engine`: one shard's weights, the model config and shard spec, the tensor-parallel communicator, a kernel
-//! thread pool and every activation buffer, preallocated for the largest batch (llama2.c's `RunState`). The
-//! forward pass itself is in `forward.rs`.
+//! `Engine`: one shard's weights, the model config and shard spec, the tensor-parallel communicator and the
+//! device backend holding every activation buffer, preallocated for the largest batch (llama2.c's
+//! `RunState`). The forward pass itself is in `forward.rs`.
 //!
 //! Nothing is allocated per token: buffers are sized here for `max_batch_tokens` tokens and `max_logits`
-//! logit rows; the kernels' [`Scratch`] and the RoPE angle cache grow on the first call and are reused.
+//! logit rows; the kernels' scratch space grows on the first call and is reused.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use shard_tool::config::ModelConfig;
 use shard_tool::plan::ShardSpec;
-use tessera_kernels::cpu::{AttnShape, Pool, RopeCache, Scratch};
+use tessera_kernels::cpu::{AttnShape, Pool};
 
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{Backend, Buf, Device};
 use crate::batch::Batch;
 use crate::collective::Collective;
 use crate::error::{Error, Result};
@@ -25,6 +28,8 @@ pub struct EngineOptions {
     pub max_batch_tokens: usize,
     /// Most tokens that ask for logits in one batch (the logits buffer is `max_logits × vocab slice`).
     pub max_logits: usize,
+    /// Where the forward pass runs (the CPU, or a GPU that then holds the weights and KV caches).
+    pub device: Device,
 }
 
 impl Default for EngineOptions {
@@ -32,41 +37,9 @@ impl Default for EngineOptions {
         EngineOptions {
             max_batch_tokens: 512,
             max_logits: 64,
+            device: Device::Cpu,
         }
     }
-}
-
-/// Activations, preallocated for `max_batch_tokens` tokens (`T`) and `max_logits` logit rows (`L`). `E` is
-/// n_embd; `Q`, `K`, `F`, `V` are this rank's query heads × head_dim, KV heads × head_dim, FFN rows and
-/// vocabulary rows. Rows are tokens, row-major.
-#[derive(Debug)]
-pub(crate) struct Buffers {
-    /// [T, E] residual stream.
-    pub x: Vec<f32>,
-    /// [T, E] normed input of a sub-block, then this rank's partial output projection before the all-reduce.
-    pub xb: Vec<f32>,
-    /// [T, Q] queries (after RoPE).
-    pub q: Vec<f32>,
-    /// [T, K] keys (after RoPE), before they go to the caches.
-    pub k: Vec<f32>,
-    /// [T, K] values.
-    pub v: Vec<f32>,
-    /// [T, Q] attention output of this rank's heads.
-    pub att: Vec<f32>,
-    /// [T, F] gate projection, then silu(gate) · up.
-    pub gate: Vec<f32>,
-    /// [T, F] up projection.
-    pub up: Vec<f32>,
-    /// [L, E] final-normed hidden states of the tokens that asked for logits.
-    pub xl: Vec<f32>,
-    /// [L, V] logits of this rank's vocabulary slice.
-    pub logits: Vec<f32>,
-    /// [T] RoPE cos/sin of each token's position (computed once per batch, used by every layer).
-    pub rope: Vec<RopeCache>,
-    /// Quantized activations for matmul.
-    pub scratch: Scratch,
-    /// [threads, ctx] attention scores over an f32 cache (grown to the largest cache seen; unused with f16).
-    pub scores: Vec<f32>,
 }
 
 /// One shard of a Llama-family model, ready to run batches. See the crate doc.
@@ -75,11 +48,13 @@ pub struct Engine<'m> {
     pub config: ModelConfig,
     pub spec: ShardSpec,
     pub(crate) collective: Box<dyn Collective>,
-    pub(crate) pool: Arc<Pool>,
-    pub(crate) buffers: Buffers,
+    /// The device's kernels and activation buffers (see `backend`).
+    pub(crate) backend: Backends,
     pub(crate) options: EngineOptions,
     /// Heads of one attention call on this rank (local query and KV heads).
     pub(crate) attn: AttnShape,
+    /// Batch rows of the tokens that want logits (reused by every forward call).
+    pub(crate) logit_rows: Vec<usize>,
 }
 
 impl<'m> Engine<'m> {
@@ -131,31 +106,40 @@ impl<'m> Engine<'m> {
             0
         };
         let vocab = spec.vocab_rows.len();
-        let buffers = Buffers {
-            x: vec![0.0; t * e],
-            xb: vec![0.0; t * e],
-            q: vec![0.0; t * q],
-            k: vec![0.0; t * k],
-            v: vec![0.0; t * k],
-            att: vec![0.0; t * q],
-            gate: vec![0.0; t * f],
-            up: vec![0.0; t * f],
-            xl: vec![0.0; l * e],
-            logits: vec![0.0; l * vocab],
-            rope: vec![RopeCache::new(); t],
-            scratch: Scratch::new(),
-            scores: Vec::new(),
+        // [T, E] x and xb; [T, Q] q; [T, K] k and v; [T, Q] att; [T, F] gate and up; [L, E] xl; [L, V] logits.
+        let mut lens = [0; 10];
+        for (b, len) in Buf::ALL.into_iter().zip(&mut lens) {
+            *len = match b {
+                Buf::X | Buf::Xb => t * e,
+                Buf::Q | Buf::Att => t * q,
+                Buf::K | Buf::V => t * k,
+                Buf::Gate | Buf::Up => t * f,
+                Buf::Xl => l * e,
+                Buf::Logits => l * vocab,
+            };
+        }
+        let device = options.device;
+        let backend = match device {
+            Device::Cpu => Backends::Cpu(CpuBackend::new(pool, lens, t)),
+            Device::Cuda(ordinal) => Backends::Cuda(Box::new(CudaBackend::new(
+                ordinal, &weights, &config, lens, t,
+            )?)),
         };
         Ok(Engine {
             weights,
             config,
             spec,
             collective,
-            pool,
-            buffers,
+            backend,
             options,
             attn,
+            logit_rows: Vec::with_capacity(options.max_batch_tokens),
         })
+    }
+
+    /// The device this engine runs on.
+    pub fn device(&self) -> Device {
+        self.backend.as_dyn().device()
     }
 
     pub fn options(&self) -> EngineOptions {
@@ -195,9 +179,28 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
+    /// Makes the tensor-parallel all-reduce go over the NCCL communicator of `id` (every rank of the stage
+    /// on a GPU; blocks until all have joined), or back over the collective with `None`.
+    pub fn set_nccl(&mut self, id: Option<&[u8]>) -> Result<()> {
+        match (&mut self.backend, id) {
+            (Backends::Cpu(_), None) => Ok(()),
+            (Backends::Cpu(_), Some(_)) => Err(Error::Device {
+                device: Device::Cpu.to_string(),
+                msg: "an NCCL id was given to a CPU rank: NCCL groups are all GPUs".into(),
+            }),
+            (Backends::Cuda(b), id) => {
+                b.set_nccl(id, self.collective.rank(), self.collective.world_size())
+            }
+        }
+    }
+
     /// An f16 KV cache for one sequence of up to `ctx` tokens on this shard (see [`KvCache::new`]).
+    /// On a GPU engine the cache is in GPU memory.
     pub fn new_cache(&self, ctx: usize, budget_bytes: Option<u64>) -> Result<KvCache> {
-        KvCache::new(&self.config, &self.spec, ctx, budget_bytes)
+        match &self.backend {
+            Backends::Cpu(_) => KvCache::new(&self.config, &self.spec, ctx, budget_bytes),
+            Backends::Cuda(b) => b.new_cache(&self.config, &self.spec, ctx, budget_bytes),
+        }
     }
 
     /// As [`Engine::new_cache`], with elements of type `ty`.
@@ -207,7 +210,19 @@ impl<'m> Engine<'m> {
         ty: KvType,
         budget_bytes: Option<u64>,
     ) -> Result<KvCache> {
-        KvCache::with_type(&self.config, &self.spec, ctx, ty, budget_bytes)
+        match (&self.backend, ty) {
+            (Backends::Cpu(_), _) => {
+                KvCache::with_type(&self.config, &self.spec, ctx, ty, budget_bytes)
+            }
+            (Backends::Cuda(b), KvType::F16) => {
+                b.new_cache(&self.config, &self.spec, ctx, budget_bytes)
+            }
+            (Backends::Cuda(b), KvType::F32) => Err(Error::Device {
+                device: b.device().to_string(),
+                msg: "f32 KV caches are CPU-only (reference comparisons); GPU caches are f16"
+                    .into(),
+            }),
+        }
     }
 
     /// Checks `batch` and `caches` against this engine and returns the number of tokens.
@@ -305,6 +320,25 @@ impl<'m> Engine<'m> {
             }
         }
         Ok(n)
+    }
+}
+
+/// The backend of the engine's device (an enum rather than a `Box<dyn Backend>` so the forward pass is
+/// compiled for each backend, with no dynamic call per operation).
+// One per engine, matched on every forward call: the CPU variant stays inline, the much larger and rarer GPU
+// state is boxed.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Backends {
+    Cpu(CpuBackend),
+    Cuda(Box<CudaBackend>),
+}
+
+impl Backends {
+    pub(crate) fn as_dyn(&self) -> &dyn Backend {
+        match self {
+            Backends::Cpu(b) => b,
+            Backends::Cuda(b) => b.as_ref(),
+        }
     }
 }
 

@@ -44,6 +44,10 @@ pub enum Error {
         #[source]
         source: KernelError,
     },
+    /// The device cannot be used (no driver, no such GPU, a GPU library missing or failing); names the device
+    /// and the library or call.
+    #[error("device {device}: {msg}")]
+    Device { device: String, msg: String },
     /// The tensor-parallel group failed to all-reduce.
     #[error(transparent)]
     Collective(#[from] CollectiveError),

@@ -19,16 +19,17 @@
 //! llama.cpp to rounding; tensor-parallel ranks differ from one rank only in the summation order of the
 //! row-parallel products.
 
-use tessera_kernels::cpu::{
-    self, KernelError, Pool, QMatrix, Scratch, attention_batch, get_row, rms_norm, silu_mul,
-};
+use shard_tool::config::ModelConfig;
+use shard_tool::plan::ShardSpec;
+use tessera_kernels::cpu::AttnShape;
 
-use crate::attention_f32::attention_batch_f32;
+use crate::backend::{Backend, Buf, SeqAttention, Tensor};
 use crate::batch::{Batch, Output};
-use crate::engine::{Buffers, Engine};
+use crate::collective::Collective;
+use crate::engine::{Backends, Engine};
 use crate::error::{Error, Result};
-use crate::kv_cache::{KvCache, LayerKv};
-use crate::weights::Matrix;
+use crate::kv_cache::KvCache;
+use crate::weights::Weights;
 
 impl Engine<'_> {
     /// Runs `batch` through this shard's layers. `caches[i]` is sequence `i`'s KV cache (made by
@@ -41,201 +42,137 @@ impl Engine<'_> {
             cache.truncate(s.start_pos);
         }
         let Engine {
-            weights: w,
+            weights,
             config,
             spec,
             collective,
-            pool,
-            buffers,
+            backend,
             attn,
+            logit_rows,
             ..
         } = self;
-        let (e, hd, eps) = (config.n_embd, config.head_dim, config.rms_eps);
-        let (qd, kd, fd) = (attn.n_heads * hd, attn.n_kv_heads * hd, spec.ffn_rows.len());
-        let scale = 1.0 / (hd as f32).sqrt();
-        let Buffers {
-            x,
-            xb,
-            q,
-            k,
-            v,
-            att,
-            gate,
-            up,
-            xl,
-            logits,
-            rope,
-            scratch,
-            scores,
-        } = buffers;
-        let (x, xb) = (&mut x[..n * e], &mut xb[..n * e]);
-        let (q, k, v, att) = (
-            &mut q[..n * qd],
-            &mut k[..n * kd],
-            &mut v[..n * kd],
-            &mut att[..n * qd],
+        logit_rows.clear();
+        logit_rows.extend(
+            batch
+                .logits
+                .iter()
+                .enumerate()
+                .filter(|&(_, &want)| want)
+                .map(|(t, _)| t),
         );
-        let (gate, up) = (&mut gate[..n * fd], &mut up[..n * fd]);
-        let mut mm = |w: &Matrix<'_>, x: &[f32], y: &mut [f32]| matmul(pool, w, x, n, y, scratch);
-
-        // Input: the embedding of this rank's vocabulary rows (all-reduced), or the previous stage's output.
-        if let Some(embd) = w.embedding() {
-            embed(embd, spec.vocab_rows.start, &batch.tokens, x)?;
-            collective.all_reduce_sum(x)?;
-        } else {
-            x.copy_from_slice(&batch.hidden);
-        }
-
-        // RoPE angles of every token's position, shared by all layers.
-        let positions = batch
-            .seqs
-            .iter()
-            .flat_map(|s| s.start_pos..s.start_pos + s.n_tokens);
-        for (rope, pos) in rope.iter_mut().zip(positions) {
-            let freqs = w.rope_freqs.as_deref();
-            rope.compute(config.rope_dim, pos, config.rope_theta, freqs)
-                .map_err(kernel("rope"))?;
-        }
-
-        for (l, layer) in w.blocks.iter().enumerate() {
-            // Attention: this rank's heads.
-            rms_norm(x, &layer.attn_norm, eps, xb).map_err(kernel("rms_norm (attn_norm)"))?;
-            mm(&layer.attn_q, xb, q)?;
-            mm(&layer.attn_k, xb, k)?;
-            mm(&layer.attn_v, xb, v)?;
-            let mut t0 = 0;
-            for (i, (s, cache)) in batch.seqs.iter().zip(caches.iter_mut()).enumerate() {
-                let toks = t0..t0 + s.n_tokens;
-                t0 = toks.end;
-                for t in toks.clone() {
-                    rope[t]
-                        .apply(&mut q[t * qd..(t + 1) * qd], attn.n_heads, hd)
-                        .map_err(kernel("rope (q)"))?;
-                    rope[t]
-                        .apply(&mut k[t * kd..(t + 1) * kd], attn.n_kv_heads, hd)
-                        .map_err(kernel("rope (k)"))?;
-                }
-                let (rows_q, rows_kv) = (
-                    toks.start * qd..toks.end * qd,
-                    toks.start * kd..toks.end * kd,
-                );
-                cache.write(l, s.start_pos, &k[rows_kv.clone()], &v[rows_kv]);
-                let (q_seq, out) = (&q[rows_q.clone()], &mut att[rows_q]);
-                match cache.layer(l) {
-                    LayerKv::F16(k_cache, v_cache) => attention_batch(
-                        pool,
-                        *attn,
-                        q_seq,
-                        s.n_tokens,
-                        s.start_pos,
-                        k_cache,
-                        v_cache,
-                        scale,
-                        out,
-                    )
-                    .map_err(kernel("attention"))?,
-                    LayerKv::F32(k_cache, v_cache) => {
-                        let need = pool.n_threads() * cache.ctx();
-                        if scores.len() < need {
-                            scores.resize(need, 0.0);
-                        }
-                        attention_batch_f32(
-                            pool,
-                            *attn,
-                            q_seq,
-                            s.n_tokens,
-                            s.start_pos,
-                            k_cache,
-                            v_cache,
-                            scale,
-                            out,
-                            scores,
-                        )
-                        .map_err(|msg| Error::Batch(format!("sequence {i}: {msg}")))?
-                    }
-                }
-            }
-            mm(&layer.attn_output, att, xb)?;
-            collective.all_reduce_sum(xb)?;
-            add(x, xb);
-
-            // Feed-forward: this rank's FFN rows.
-            rms_norm(x, &layer.ffn_norm, eps, xb).map_err(kernel("rms_norm (ffn_norm)"))?;
-            mm(&layer.ffn_gate, xb, gate)?;
-            mm(&layer.ffn_up, xb, up)?;
-            silu_mul(gate, up).map_err(kernel("silu_mul"))?;
-            mm(&layer.ffn_down, gate, xb)?;
-            collective.all_reduce_sum(xb)?;
-            add(x, xb);
-        }
-
-        for (s, cache) in batch.seqs.iter().zip(caches.iter_mut()) {
-            cache.set_len(s.start_pos + s.n_tokens);
-        }
-        let (Some(head), Some(norm)) = (w.lm_head(), w.output_norm.as_deref()) else {
-            return Ok(Output::Hidden(x));
+        let shard = Shard {
+            w: weights,
+            config,
+            spec,
+            attn: *attn,
+            logit_rows,
         };
-
-        // Final norm of the tokens that asked for logits, then this rank's vocabulary rows of the LM head.
-        let mut rows = 0;
-        for (t, _) in batch.logits.iter().enumerate().filter(|&(_, &want)| want) {
-            let out = &mut xl[rows * e..(rows + 1) * e];
-            rms_norm(&x[t * e..(t + 1) * e], norm, eps, out)
-                .map_err(kernel("rms_norm (output_norm)"))?;
-            rows += 1;
+        match backend {
+            Backends::Cpu(b) => run(b, &shard, collective.as_mut(), batch, caches, n),
+            Backends::Cuda(b) => run(b.as_mut(), &shard, collective.as_mut(), batch, caches, n),
         }
-        let logits = &mut logits[..rows * spec.vocab_rows.len()];
-        matmul(pool, head, &xl[..rows * e], rows, logits, scratch)?;
-        Ok(Output::Logits {
-            data: logits,
-            vocab: spec.vocab_rows.clone(),
-        })
     }
 }
 
-/// Rows of `x` (`[n, n_embd]`) for `tokens`: the embedding row of a token this rank's slice (starting at
-/// vocabulary row `first`) holds, zeros for the others; the all-reduce that follows completes the lookup.
-fn embed(embd: &Matrix<'_>, first: usize, tokens: &[u32], x: &mut [f32]) -> Result<()> {
-    let w = qmatrix(embd)?;
-    for (&id, row) in tokens.iter().zip(x.chunks_exact_mut(embd.cols)) {
-        match (id as usize).checked_sub(first).filter(|&r| r < embd.rows) {
-            Some(r) => get_row(&w, r, row).map_err(kernel(&embd.name))?,
-            None => row.fill(0.0),
-        }
-    }
-    Ok(())
+/// What the forward pass reads besides the batch: the shard's weights, config and layout.
+struct Shard<'a, 'm> {
+    w: &'a Weights<'m>,
+    config: &'a ModelConfig,
+    spec: &'a ShardSpec,
+    attn: AttnShape,
+    /// Batch rows of the tokens that want logits.
+    logit_rows: &'a [usize],
 }
 
-/// `y = W·x` for `n` tokens, errors naming the tensor.
-fn matmul(
-    pool: &Pool,
-    w: &Matrix<'_>,
-    x: &[f32],
+/// The forward pass on backend `b` (see the module doc for the graph). `n` is the batch's token count,
+/// already checked against the engine's buffers and the caches.
+fn run<'b, B: Backend>(
+    b: &'b mut B,
+    shard: &Shard<'_, '_>,
+    collective: &mut dyn Collective,
+    batch: &Batch,
+    caches: &mut [&mut KvCache],
     n: usize,
-    y: &mut [f32],
-    scratch: &mut Scratch,
-) -> Result<()> {
-    match &w.packed {
-        Some(p) => cpu::matmul_packed(pool, p, x, n, y, scratch),
-        None => cpu::matmul(pool, &qmatrix(w)?, x, n, y, scratch),
-    }
-    .map_err(kernel(&w.name))
-}
+) -> Result<Output<'b>> {
+    let Shard {
+        w,
+        config,
+        spec,
+        attn,
+        logit_rows: rows,
+    } = *shard;
+    let (e, hd, eps) = (config.n_embd, config.head_dim, config.rms_eps);
+    let fd = spec.ffn_rows.len();
+    let scale = 1.0 / (hd as f32).sqrt();
 
-fn qmatrix<'a>(w: &'a Matrix<'_>) -> Result<QMatrix<'a>> {
-    QMatrix::new(w.ty, w.rows, w.cols, &w.data).map_err(kernel(&w.name))
-}
-
-/// `x += d` (the residual connection).
-fn add(x: &mut [f32], d: &[f32]) {
-    for (a, b) in x.iter_mut().zip(d) {
-        *a += b;
+    // Input: the embedding of this rank's vocabulary rows (all-reduced), or the previous stage's output.
+    if w.embedding().is_some() {
+        b.embed(w, spec.vocab_rows.start, &batch.tokens)?;
+        b.all_reduce(collective, Buf::X, n * e)?;
+    } else {
+        b.load_hidden(&batch.hidden)?;
     }
-}
 
-fn kernel(op: &str) -> impl Fn(KernelError) -> Error + '_ {
-    move |source| Error::Kernel {
-        op: op.to_owned(),
-        source,
+    // RoPE angles of every token's position, shared by all layers.
+    let positions = batch
+        .seqs
+        .iter()
+        .flat_map(|s| s.start_pos..s.start_pos + s.n_tokens);
+    for (rope, pos) in b.rope_angles(n).iter_mut().zip(positions) {
+        let freqs = w.rope_freqs.as_deref();
+        rope.compute(config.rope_dim, pos, config.rope_theta, freqs)
+            .map_err(|source| Error::Kernel {
+                op: "rope".into(),
+                source,
+            })?;
     }
+    b.upload_rope(n)?;
+
+    for l in 0..w.blocks.len() {
+        // Attention: this rank's heads.
+        b.rms_norm(w, Tensor::AttnNorm(l), Buf::X, Buf::Xb, n, eps)?;
+        b.matmul(w, Tensor::AttnQ(l), Buf::Xb, Buf::Q, n)?;
+        b.matmul(w, Tensor::AttnK(l), Buf::Xb, Buf::K, n)?;
+        b.matmul(w, Tensor::AttnV(l), Buf::Xb, Buf::V, n)?;
+        let mut t0 = 0;
+        for (i, (s, cache)) in batch.seqs.iter().zip(caches.iter_mut()).enumerate() {
+            let seq = SeqAttention {
+                index: i,
+                tokens: t0..t0 + s.n_tokens,
+                start_pos: s.start_pos,
+            };
+            t0 = seq.tokens.end;
+            b.rope(Buf::Q, seq.tokens.clone(), attn.n_heads, hd)?;
+            b.rope(Buf::K, seq.tokens.clone(), attn.n_kv_heads, hd)?;
+            b.attention(l, attn, &seq, cache, scale)?;
+        }
+        b.matmul(w, Tensor::AttnOutput(l), Buf::Att, Buf::Xb, n)?;
+        b.all_reduce(collective, Buf::Xb, n * e)?;
+        b.add(Buf::X, Buf::Xb, n * e)?;
+
+        // Feed-forward: this rank's FFN rows.
+        b.rms_norm(w, Tensor::FfnNorm(l), Buf::X, Buf::Xb, n, eps)?;
+        b.matmul(w, Tensor::FfnGate(l), Buf::Xb, Buf::Gate, n)?;
+        b.matmul(w, Tensor::FfnUp(l), Buf::Xb, Buf::Up, n)?;
+        b.silu_mul(n * fd)?;
+        b.matmul(w, Tensor::FfnDown(l), Buf::Gate, Buf::Xb, n)?;
+        b.all_reduce(collective, Buf::Xb, n * e)?;
+        b.add(Buf::X, Buf::Xb, n * e)?;
+    }
+
+    for (s, cache) in batch.seqs.iter().zip(caches.iter_mut()) {
+        cache.set_len(s.start_pos + s.n_tokens);
+    }
+    if w.lm_head().is_none() || w.output_norm.is_none() {
+        return Ok(Output::Hidden(b.host(Buf::X, n * e)?));
+    }
+
+    // Final norm of the tokens that asked for logits, then this rank's vocabulary rows of the LM head.
+    b.gather_rows(Buf::X, rows, Buf::Xb, e)?;
+    b.rms_norm(w, Tensor::OutputNorm, Buf::Xb, Buf::Xl, rows.len(), eps)?;
+    b.matmul(w, Tensor::LmHead, Buf::Xl, Buf::Logits, rows.len())?;
+    Ok(Output::Logits {
+        data: b.host(Buf::Logits, rows.len() * spec.vocab_rows.len())?,
+        vocab: spec.vocab_rows.clone(),
+    })
 }

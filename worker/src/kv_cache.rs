@@ -14,9 +14,12 @@
 //! so writing a token is one conversion of the row the K/V projection produced.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use half::f16;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use shard_tool::config::ModelConfig;
 use shard_tool::plan::ShardSpec;
 
@@ -47,14 +50,27 @@ impl KvType {
 /// is zero pages from the allocator, touched only as positions are written.
 #[derive(Debug, Clone)]
 enum Data {
-    F16 { k: Vec<u16>, v: Vec<u16> },
-    F32 { k: Vec<f32>, v: Vec<f32> },
+    F16 {
+        k: Vec<u16>,
+        v: Vec<u16>,
+    },
+    F32 {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
+    /// f16 bits in GPU memory (a CUDA engine's caches), written and read by the GPU kernels only.
+    Gpu {
+        k: CudaSlice<u16>,
+        v: CudaSlice<u16>,
+    },
 }
 
 /// One layer's keys and values: `ctx` rows of `kv_heads · head_dim`.
 pub(crate) enum LayerKv<'a> {
     F16(&'a [f16], &'a [f16]),
     F32(&'a [f32], &'a [f32]),
+    /// In GPU memory: f16 bits.
+    Gpu(CudaView<'a, u16>, CudaView<'a, u16>),
 }
 
 /// The K/V cache of one sequence on one shard.
@@ -119,6 +135,52 @@ impl KvCache {
         ty: KvType,
         budget_bytes: Option<u64>,
     ) -> Result<KvCache> {
+        let (layers, elems, bytes) = Self::checked_size(config, spec, ctx, ty, budget_bytes)?;
+        let alloc_err = |e: std::collections::TryReserveError| {
+            Error::KvCache(format!(
+                "cannot allocate {:.1} MiB for a context of {ctx} tokens: {e}",
+                mib(bytes)
+            ))
+        };
+        let data = match ty {
+            KvType::F16 => Data::F16 {
+                k: zeroed(elems).map_err(alloc_err)?,
+                v: zeroed(elems).map_err(alloc_err)?,
+            },
+            KvType::F32 => Data::F32 {
+                k: zeroed(elems).map_err(alloc_err)?,
+                v: zeroed(elems).map_err(alloc_err)?,
+            },
+        };
+        Ok(Self::empty(config, spec, layers, ctx, data))
+    }
+
+    fn empty(
+        config: &ModelConfig,
+        spec: &ShardSpec,
+        layers: Range<usize>,
+        ctx: usize,
+        data: Data,
+    ) -> KvCache {
+        KvCache {
+            layers,
+            kv_heads: spec.kv_heads.clone(),
+            head_dim: config.head_dim,
+            ctx,
+            len: 0,
+            data,
+        }
+    }
+
+    /// The cache's layers, elements of K (or V) and bytes, after refusing a context of 0, beyond the training
+    /// context or over the budget.
+    fn checked_size(
+        config: &ModelConfig,
+        spec: &ShardSpec,
+        ctx: usize,
+        ty: KvType,
+        budget_bytes: Option<u64>,
+    ) -> Result<(Range<usize>, usize, u64)> {
         let layers = spec_layers(config, spec)?;
         if ctx == 0 {
             return Err(Error::KvCache("context size must be at least 1".into()));
@@ -149,35 +211,39 @@ impl KvCache {
         let elems = usize::try_from(bytes / (2 * ty.elem_bytes())).map_err(|_| {
             Error::KvCache(format!("{bytes} bytes of KV cache do not fit in memory"))
         })?;
-        let alloc_err = |e: std::collections::TryReserveError| {
-            Error::KvCache(format!(
-                "cannot allocate {:.1} MiB for a context of {ctx} tokens: {e}",
-                mib(bytes)
-            ))
+        Ok((layers, elems, bytes))
+    }
+
+    /// An f16 cache as [`KvCache::new`] makes, in the memory of the GPU that `stream` belongs to.
+    pub fn on_gpu(
+        config: &ModelConfig,
+        spec: &ShardSpec,
+        ctx: usize,
+        budget_bytes: Option<u64>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<KvCache> {
+        let (layers, elems, bytes) =
+            Self::checked_size(config, spec, ctx, KvType::F16, budget_bytes)?;
+        let alloc = || {
+            stream.alloc_zeros::<u16>(elems).map_err(|e| {
+                Error::KvCache(format!(
+                    "cannot allocate {:.1} MiB of GPU memory for a context of {ctx} tokens: {e}",
+                    mib(bytes)
+                ))
+            })
         };
-        let data = match ty {
-            KvType::F16 => Data::F16 {
-                k: zeroed(elems).map_err(alloc_err)?,
-                v: zeroed(elems).map_err(alloc_err)?,
-            },
-            KvType::F32 => Data::F32 {
-                k: zeroed(elems).map_err(alloc_err)?,
-                v: zeroed(elems).map_err(alloc_err)?,
-            },
-        };
-        Ok(KvCache {
-            layers,
-            kv_heads: spec.kv_heads.clone(),
-            head_dim: hd,
-            ctx,
-            len: 0,
-            data,
-        })
+        let (k, v) = (alloc()?, alloc()?);
+        Ok(Self::empty(config, spec, layers, ctx, Data::Gpu { k, v }))
+    }
+
+    /// Whether the cache is in GPU memory.
+    pub fn is_on_gpu(&self) -> bool {
+        matches!(self.data, Data::Gpu { .. })
     }
 
     pub fn kv_type(&self) -> KvType {
         match self.data {
-            Data::F16 { .. } => KvType::F16,
+            Data::F16 { .. } | Data::Gpu { .. } => KvType::F16,
             Data::F32 { .. } => KvType::F32,
         }
     }
@@ -238,12 +304,33 @@ impl KvCache {
                 LayerKv::F16(k[r.clone()].reinterpret_cast(), v[r].reinterpret_cast())
             }
             Data::F32 { k, v } => LayerKv::F32(&k[r.clone()], &v[r]),
+            Data::Gpu { k, v } => LayerKv::Gpu(k.slice(r.clone()), v.slice(r)),
+        }
+    }
+
+    /// Keys and values of local layer `l` in GPU memory, to write; `None` for a host cache.
+    pub(crate) fn gpu_layer_mut(
+        &mut self,
+        l: usize,
+    ) -> Option<(CudaViewMut<'_, u16>, CudaViewMut<'_, u16>)> {
+        let n = self.layer_elems();
+        let r = l * n..(l + 1) * n;
+        match &mut self.data {
+            Data::Gpu { k, v } => Some((k.slice_mut(r.clone()), v.slice_mut(r))),
+            Data::F16 { .. } | Data::F32 { .. } => None,
         }
     }
 
     /// Stores the K and V rows (`kv_heads · head_dim` f32 values each, consecutive positions from `pos`) of
-    /// local layer `l`; f16 rounds to nearest even, as ggml's `GGML_FP32_TO_FP16`.
-    pub(crate) fn write(&mut self, l: usize, pos: usize, k_rows: &[f32], v_rows: &[f32]) {
+    /// local layer `l`; f16 rounds to nearest even, as ggml's `GGML_FP32_TO_FP16`. A GPU cache is written by
+    /// the GPU kernels instead: an error here.
+    pub(crate) fn write(
+        &mut self,
+        l: usize,
+        pos: usize,
+        k_rows: &[f32],
+        v_rows: &[f32],
+    ) -> Result<()> {
         let start = l * self.layer_elems() + pos * self.kv_heads.len() * self.head_dim;
         let r = start..start + k_rows.len();
         match &mut self.data {
@@ -257,7 +344,13 @@ impl KvCache {
                 k[r.clone()].copy_from_slice(k_rows);
                 v[r].copy_from_slice(v_rows);
             }
+            Data::Gpu { .. } => {
+                return Err(Error::KvCache(
+                    "this KV cache is in GPU memory: a CPU engine cannot use it".into(),
+                ));
+            }
         }
+        Ok(())
     }
 
     /// Whether this cache was made for a shard with these layers and KV heads.
@@ -364,7 +457,7 @@ mod tests {
         let row = 3 * 64;
         let k: Vec<f32> = (0..2 * row).map(|i| i as f32 + 0.1).collect();
         let v: Vec<f32> = k.iter().map(|x| -x).collect();
-        cache.write(2, 1, &k, &v);
+        cache.write(2, 1, &k, &v).unwrap();
         let LayerKv::F16(kc, vc) = cache.layer(2) else {
             panic!("f16 cache")
         };
@@ -381,7 +474,7 @@ mod tests {
 
         let mut cache = KvCache::with_type(&config, &spec, 4, KvType::F32, None).unwrap();
         assert_eq!(cache.bytes(), 4 * 46080);
-        cache.write(2, 1, &k, &v);
+        cache.write(2, 1, &k, &v).unwrap();
         let LayerKv::F32(kc, vc) = cache.layer(2) else {
             panic!("f32 cache")
         };

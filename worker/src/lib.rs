@@ -6,8 +6,9 @@
 //!   `LocalGroup` (threads); `PeerGroup` (processes) is in [`peer`].
 //! - [`kv_cache`]: per-sequence K/V cache (f16, or f32 for reference comparisons), sized and checked up front.
 //! - [`batch`]: the input (token ids or hidden states, several sequences) and output (hidden states or logits).
-//! - [`engine`]: `Engine::forward`, the llama.cpp `llama` architecture's math on the kernels in
-//!   `tessera_kernels::cpu`.
+//! - [`engine`]: `Engine::forward`, the llama.cpp `llama` architecture's math, written once against the
+//!   [`backend::Backend`] operations.
+//! - [`backend`]: [`Device`] (`cpu`, `cuda:N`) and the backends that run the forward pass's operations on it.
 //! - [`sequences`]: `Sequences`, the engine keyed by sequence id (creates, checks, budgets and releases the
 //!   KV caches); the one batch runner of both the worker service and the coordinator's in-process pipeline.
 //! - [`peer`]: `PeerGroup`, the tensor-parallel all-reduce between worker processes over raw TCP links (the
@@ -38,6 +39,7 @@
 //! # Ok(()) }
 //! ```
 mod attention_f32; // TODO(kernels): f32-cache attention stand-in
+pub mod backend;
 pub mod batch;
 pub mod cli;
 pub mod collective;
@@ -50,6 +52,7 @@ pub mod sequences;
 pub mod service;
 pub mod weights;
 
+pub use backend::Device;
 pub use batch::{Batch, Logits, Output, SeqSpan};
 pub use collective::{Collective, CollectiveError, LocalGroup, SingleRank};
 pub use engine::{Engine, EngineOptions};

@@ -335,6 +335,7 @@ mod tests {
             EngineOptions {
                 max_batch_tokens: 32,
                 max_logits: 32,
+                ..EngineOptions::default()
             },
         )
         .unwrap()

@@ -25,7 +25,8 @@ use tessera_kernels::cpu::Pool;
 use tessera_proto::worker::v1::worker_server::{Worker, WorkerServer};
 use tessera_proto::worker::v1::{
     DescribeRequest, DescribeResponse, ForwardRequest, ForwardResponse, JoinGroupRequest,
-    JoinGroupResponse, LogitsMode, ReleaseRequest, ReleaseResponse, StatsRequest, StatsResponse,
+    JoinGroupResponse, LogitsMode, NcclIdRequest, NcclIdResponse, ReleaseRequest, ReleaseResponse,
+    StatsRequest, StatsResponse,
 };
 use tessera_proto::{bytes_to_f32s, f32s_to_bytes};
 use tokio::sync::oneshot;
@@ -127,6 +128,8 @@ enum Command {
     Join {
         epoch: u64,
         collective: Box<dyn Collective>,
+        /// NCCL unique id of the stage's GPU group; empty: all-reduce over `collective`.
+        nccl_id: Vec<u8>,
         reply: oneshot::Sender<Result<(), Status>>,
     },
     Forward {
@@ -187,7 +190,7 @@ impl WorkerService {
         })?;
 
         let started = Instant::now();
-        let weights = Weights::from_shard_dir(shard)?;
+        let weights = Weights::from_shard_dir_for(shard, options.engine.device)?;
         let (is_first, is_last) = (weights.is_first, weights.is_last);
         let layers = weights.layers.clone();
         let pool = Arc::new(Pool::new(options.threads));
@@ -244,6 +247,7 @@ impl WorkerService {
             peer_addr: advertise.unwrap_or_else(|| peers.local_addr().to_string()),
             epoch: 0,
             model,
+            device: options.engine.device.to_string(),
         };
 
         let core = Arc::new(Core {
@@ -459,6 +463,7 @@ impl Worker for WorkerService {
         s.send(Command::Join {
             epoch,
             collective,
+            nccl_id: req.nccl_id.to_vec(),
             reply,
         })?;
         if let Err(e) = answer(rx).await {
@@ -545,6 +550,16 @@ impl Worker for WorkerService {
         Ok(Response::new(ReleaseResponse {}))
     }
 
+    async fn nccl_id(
+        &self,
+        _request: Request<NcclIdRequest>,
+    ) -> Result<Response<NcclIdResponse>, Status> {
+        let device = self.shared.options.engine.device;
+        let id = crate::backend::nccl_unique_id(device)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(NcclIdResponse { id: id.into() }))
+    }
+
     async fn stats(
         &self,
         _request: Request<StatsRequest>,
@@ -589,9 +604,10 @@ impl EngineThread {
                 Command::Join {
                     epoch,
                     collective,
+                    nccl_id,
                     reply,
                 } => {
-                    let r = self.join(epoch, collective);
+                    let r = self.join(epoch, collective, &nccl_id);
                     self.publish();
                     let _ = reply.send(r);
                 }
@@ -628,13 +644,22 @@ impl EngineThread {
         c.kv_bytes.store(self.seqs.kv_bytes(), Ordering::Relaxed);
     }
 
-    fn join(&mut self, epoch: u64, collective: Box<dyn Collective>) -> Result<(), Status> {
+    fn join(
+        &mut self,
+        epoch: u64,
+        collective: Box<dyn Collective>,
+        nccl_id: &[u8],
+    ) -> Result<(), Status> {
         self.seqs.reset();
         self.epoch = epoch;
-        self.seqs
-            .engine_mut()
+        let engine = self.seqs.engine_mut();
+        engine
             .set_collective(collective)
-            .map_err(|e| Status::internal(e.to_string()))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        // Blocks until every rank of the stage has joined the communicator (they are asked concurrently).
+        engine
+            .set_nccl((!nccl_id.is_empty()).then_some(nccl_id))
+            .map_err(|e| Status::failed_precondition(format!("nccl_id: {e}")))
     }
 
     fn admit(&self, epoch: u64) -> Result<(), Status> {

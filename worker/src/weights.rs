@@ -26,6 +26,7 @@ use shard_tool::plan::{ShardSpec, Slice, TensorSlice};
 use tessera_kernels::cpu::{PackedMatrix, QMatrix};
 use tessera_kernels::quant::{GgmlType, dequantize_row};
 
+use crate::backend::Device;
 use crate::error::{Error, Result};
 
 /// A weight matrix (or this shard's slice of one) in ggml layout: `rows` rows of `cols` elements, each row a
@@ -107,12 +108,38 @@ pub struct Weights<'m> {
 impl<'m> Weights<'m> {
     /// The shard `spec` of a checkpoint (a plan made from `ckpt.config` and `ckpt.tensors`).
     pub fn from_checkpoint(ckpt: &'m Checkpoint, spec: &ShardSpec) -> Result<Self> {
-        Self::load(&ckpt.config, spec, &CheckpointSource(ckpt))
+        Self::from_checkpoint_for(ckpt, spec, Device::Cpu)
+    }
+
+    /// As [`Weights::from_checkpoint`], laid out for an engine on `device`: packed for the CPU kernels, or
+    /// left as mapped views for a GPU (which uploads them; a packed host copy would only cost memory).
+    pub fn from_checkpoint_for(
+        ckpt: &'m Checkpoint,
+        spec: &ShardSpec,
+        device: Device,
+    ) -> Result<Self> {
+        Self::load(
+            &ckpt.config,
+            spec,
+            &CheckpointSource(ckpt),
+            device == Device::Cpu,
+        )
     }
 
     /// The shard a [`ShardDir`] holds.
     pub fn from_shard_dir(dir: &'m ShardDir) -> Result<Self> {
-        Self::load(dir.config(), &dir.spec, &ShardFileSource(dir))
+        Self::from_shard_dir_for(dir, Device::Cpu)
+    }
+
+    /// As [`Weights::from_shard_dir`], laid out for an engine on `device` (see
+    /// [`Weights::from_checkpoint_for`]).
+    pub fn from_shard_dir_for(dir: &'m ShardDir, device: Device) -> Result<Self> {
+        Self::load(
+            dir.config(),
+            &dir.spec,
+            &ShardFileSource(dir),
+            device == Device::Cpu,
+        )
     }
 
     /// The embedding matrix, on the first stage.
@@ -158,8 +185,13 @@ impl<'m> Weights<'m> {
             + self.output_norm.as_deref().map_or(0, v)
     }
 
-    fn load(config: &ModelConfig, spec: &ShardSpec, src: &dyn TensorSource<'m>) -> Result<Self> {
-        let dims = ShardDims::new(config, spec)?;
+    fn load(
+        config: &ModelConfig,
+        spec: &ShardSpec,
+        src: &dyn TensorSource<'m>,
+        pack: bool,
+    ) -> Result<Self> {
+        let dims = ShardDims::new(config, spec, pack)?;
         let layers = dims.layers.clone();
         let mut blocks = Vec::with_capacity(layers.len());
         for l in layers.clone() {
@@ -276,10 +308,12 @@ struct ShardDims {
     kv_rows: usize,
     ffn: usize,
     vocab: usize,
+    /// Re-lay matrices out for the CPU's packed kernels.
+    pack: bool,
 }
 
 impl ShardDims {
-    fn new(config: &ModelConfig, spec: &ShardSpec) -> Result<Self> {
+    fn new(config: &ModelConfig, spec: &ShardSpec, pack: bool) -> Result<Self> {
         config.validate().map_err(|msg| Error::Spec {
             stage: spec.stage,
             rank: spec.rank,
@@ -330,6 +364,7 @@ impl ShardDims {
             kv_rows: spec.kv_heads.len() * config.head_dim,
             ffn: spec.ffn_rows.len(),
             vocab: spec.vocab_rows.len(),
+            pack,
         })
     }
 
@@ -382,6 +417,16 @@ impl ShardDims {
                     ty.name()
                 ),
             ));
+        }
+        if !self.pack {
+            return Ok(Matrix {
+                name: name.to_owned(),
+                ty,
+                cols,
+                rows,
+                packed: None,
+                data,
+            });
         }
         // Pack a few MB at a time and drop the mapped pages of each packed chunk at once, so loading never
         // holds a matrix twice (Llama 3's 128256-row embedding is hundreds of MB).

@@ -296,6 +296,7 @@ fn long_context_with_llama3_rope_scaling() {
         let opts = tessera_worker::EngineOptions {
             max_batch_tokens: 512,
             max_logits: 8,
+            ..tessera_worker::EngineOptions::default()
         };
         let pool = std::sync::Arc::new(tessera_kernels::cpu::Pool::new(2));
         let collective = Box::new(tessera_worker::SingleRank);

@@ -118,6 +118,7 @@ async fn join_all(stages: &[Vec<Worker>], epoch: u64) {
                 let req = JoinGroupRequest {
                     epoch,
                     peers: peers.clone(),
+                    ..Default::default()
                 };
                 tokio::spawn(async move { c.join_group(req).await })
             })
@@ -395,6 +396,7 @@ async fn epochs_and_malformed_requests() {
         .join_group(JoinGroupRequest {
             epoch: 1,
             peers: vec!["a:1".into(), "b:2".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -406,6 +408,7 @@ async fn epochs_and_malformed_requests() {
         .join_group(JoinGroupRequest {
             epoch: 3,
             peers: vec![stages[0][0].info.peer_addr.clone()],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -588,7 +591,11 @@ async fn failed_join_leaves_the_epoch_unavailable() {
     let peers: Vec<String> = stages[0].iter().map(|w| w.info.peer_addr.clone()).collect();
     let mut rank1 = stages[0][1].client.clone();
     let err = rank1
-        .join_group(JoinGroupRequest { epoch: 1, peers })
+        .join_group(JoinGroupRequest {
+            epoch: 1,
+            peers,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");

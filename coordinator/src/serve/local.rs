@@ -262,7 +262,7 @@ pub fn open_model(
         }
         let dir: &'static ShardDir = Box::leak(Box::new(dir));
         let tokenizer = Tokenizer::from_shard_dir(&first, &dir.manifest)?;
-        let weights = Weights::from_shard_dir(dir)?;
+        let weights = Weights::from_shard_dir_for(dir, options.device)?;
         let engine = Engine::new(
             weights,
             dir.config().clone(),
@@ -292,7 +292,7 @@ pub fn open_model(
         })?
         .shards
         .remove(0);
-    let weights = Weights::from_checkpoint(ckpt, &spec)?;
+    let weights = Weights::from_checkpoint_for(ckpt, &spec, options.device)?;
     let engine = Engine::new(
         weights,
         ckpt.config.clone(),

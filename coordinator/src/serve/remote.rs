@@ -51,7 +51,7 @@ use shard_tool::manifest::Manifest;
 use tessera_proto::worker::v1::worker_client::WorkerClient;
 use tessera_proto::worker::v1::{
     DescribeRequest, DescribeResponse, ForwardRequest, ForwardResponse, JoinGroupRequest,
-    LogitsMode, ReleaseRequest, SeqInput,
+    LogitsMode, NcclIdRequest, ReleaseRequest, SeqInput,
 };
 use thiserror::Error;
 use tokio::sync::watch;
@@ -358,8 +358,30 @@ impl RemotePipeline {
         self.last_epoch.store(epoch, Ordering::Release);
 
         let mut peers: Vec<Vec<String>> = vec![Vec::new(); self.stages.len()];
+        let mut devices: Vec<Vec<&str>> = vec![Vec::new(); self.stages.len()];
         for (r, d) in self.ranks().zip(&described) {
             peers[r.stage].push(d.peer_addr.clone());
+            devices[r.stage].push(&d.device);
+        }
+        // Stages whose ranks are all GPUs all-reduce over NCCL: rank 0 makes the id, every rank gets it.
+        let mut nccl_ids: Vec<bytes::Bytes> = vec![bytes::Bytes::new(); self.stages.len()];
+        for (stage, s) in self.stages.iter().enumerate() {
+            if !uses_nccl(&devices[stage]) {
+                continue;
+            }
+            let mut client = s.ranks[0].client.clone();
+            match tokio::time::timeout(timeout, client.nccl_id(NcclIdRequest {})).await {
+                Ok(Ok(id)) => nccl_ids[stage] = id.into_inner().id,
+                Ok(Err(status)) => warn!(
+                    stage,
+                    "NcclId failed, the stage all-reduces over its peer links: {}",
+                    status_text(&status)
+                ),
+                Err(_) => warn!(
+                    stage,
+                    "no NcclId answer, the stage all-reduces over its peer links"
+                ),
+            }
         }
         // Every rank of a stage must be asked concurrently (JoinGroup returns once all links are up); all
         // stages at once too.
@@ -368,6 +390,7 @@ impl RemotePipeline {
             let request = JoinGroupRequest {
                 epoch,
                 peers: peers[r.stage].clone(),
+                nccl_id: nccl_ids[r.stage].clone(),
             };
             async move { tokio::time::timeout(timeout, client.join_group(request)).await }
         }))
@@ -773,6 +796,12 @@ fn parse_xxh3(hex: &str) -> Result<u64, String> {
 }
 
 /// Whether the worker at `addr`, expected to serve (stage, rank), serves that shard of this manifest's set.
+/// Whether a stage whose ranks run on `devices` (Describe's `device`, in rank order) all-reduces over NCCL:
+/// more than one rank, every one on a GPU. Groups mixing GPU and CPU ranks use the peer links.
+fn uses_nccl(devices: &[&str]) -> bool {
+    devices.len() > 1 && devices.iter().all(|d| d.starts_with("cuda"))
+}
+
 fn check_describe(
     manifest: &Manifest,
     stage: usize,
@@ -1095,6 +1124,22 @@ mod tests {
             rank,
             addr: format!("127.0.0.{}:7001", 1 + stage * 2 + rank),
         }
+    }
+
+    #[test]
+    fn nccl_only_for_all_gpu_groups_of_two_or_more() {
+        assert!(uses_nccl(&["cuda:0", "cuda:1"]));
+        assert!(uses_nccl(&["cuda:0", "cuda:1", "cuda:2", "cuda:3"]));
+        assert!(!uses_nccl(&["cuda:0"]), "one rank has nothing to sum");
+        assert!(
+            !uses_nccl(&["cuda:0", "cpu"]),
+            "mixed groups use the peer links"
+        );
+        assert!(!uses_nccl(&["cpu", "cpu"]));
+        assert!(
+            !uses_nccl(&["", ""]),
+            "workers from before the device field"
+        );
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub fn start_workers(model: &Path, tp: usize, pp: usize, dir: &Path) -> LocalClu
         tp,
         pp,
         threads: 1,
+        devices: Vec::new(),
         extra_args: vec!["--max-context".into(), "512".into()],
         run_dir: dir.join("run"),
         ready_timeout: Duration::from_secs(120),

@@ -44,6 +44,12 @@ impl RopeCache {
         Self::default()
     }
 
+    /// `[cos θ_0, sin θ_0, cos θ_1, sin θ_1, ...]` (`rope_dim` values): what a device kernel needs to rotate
+    /// exactly as [`RopeCache::apply`] does.
+    pub fn cos_sin(&self) -> &[f32] {
+        &self.cs
+    }
+
     /// Fills the cache for position `pos`: `θ_i = pos · base^(-2i/rope_dim) / freq_factors[i]`.
     ///
     /// The power is formed as ggml does so that long positions agree: `theta_scale = powf(base,

@@ -94,6 +94,7 @@ pub fn options() -> EngineOptions {
     EngineOptions {
         max_batch_tokens: 64,
         max_logits: 64,
+        ..EngineOptions::default()
     }
 }
 

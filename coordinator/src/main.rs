@@ -148,17 +148,9 @@ struct ServeArgs {
     /// File listing workers, one `STAGE RANK ADDR` per line.
     #[arg(long, value_name = "FILE", group = "workers_given")]
     workers_file: Option<PathBuf>,
-    /// Compute threads when serving in this process (default: all cores).
-    #[arg(short, long)]
-    threads: Option<usize>,
-    /// Where to run the model when serving in this process: `cpu` or `cuda:N`.
-    #[arg(
-        long,
-        value_name = "DEVICE",
-        default_value = "cpu",
-        env = "TESSERA_DEVICE"
-    )]
-    device: Device,
+    /// Compute threads and device when serving in this process.
+    #[command(flatten)]
+    engine: EngineArgs,
     #[command(flatten)]
     listen: ListenArgs,
 }
@@ -194,6 +186,30 @@ struct ClusterArgs {
     restart_workers: bool,
     #[command(flatten)]
     listen: ListenArgs,
+}
+
+/// Where a model run in this process computes (`tessera run`, `tessera serve MODEL`).
+#[derive(clap::Args)]
+struct EngineArgs {
+    /// Compute threads (default: all cores).
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Where to run the model: `cpu`, or `cuda:N` for GPU N (needs an NVIDIA driver).
+    #[arg(
+        long,
+        value_name = "DEVICE",
+        default_value = "cpu",
+        env = "TESSERA_DEVICE"
+    )]
+    device: Device,
+}
+
+impl EngineArgs {
+    /// `--threads`, or every available core.
+    fn threads(&self) -> usize {
+        self.threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
 }
 
 #[derive(clap::Args)]
@@ -232,17 +248,8 @@ struct RunArgs {
     /// System message for --chat.
     #[arg(long, requires = "chat")]
     system: Option<String>,
-    /// Compute threads (default: all cores).
-    #[arg(short, long)]
-    threads: Option<usize>,
-    /// Where to run the model: `cpu`, or `cuda:N` for GPU N (needs an NVIDIA driver).
-    #[arg(
-        long,
-        value_name = "DEVICE",
-        default_value = "cpu",
-        env = "TESSERA_DEVICE"
-    )]
-    device: Device,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Print the prompt and timings to stderr.
     #[arg(long)]
     verbose_prompt: bool,
@@ -273,16 +280,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = args.engine.threads();
     if threads == 0 {
         bail!("--threads must be at least 1");
     }
     let options = EngineOptions {
         max_batch_tokens: 512,
         max_logits: 1,
-        device: args.device,
+        device: args.engine.device,
     };
     let params = SamplingParams {
         temperature: args.temp,
@@ -392,13 +397,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         if args.model.is_empty() {
             bail!("give a MODEL to serve in this process, or --shards DIR with --worker addresses");
         }
-        let threads = args
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let threads = args.engine.threads();
         let options = EngineOptions {
             max_batch_tokens: 512,
             max_logits: 64,
-            device: args.device,
+            device: args.engine.device,
         };
         let (pipeline, model) = LocalPipeline::open(&args.model, threads, args.listen.ctx, options)
             .with_context(|| format!("opening {}", args.model[0].display()))?;

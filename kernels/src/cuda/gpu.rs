@@ -659,44 +659,38 @@ impl Gpu {
         gate: &mut CudaViewMut<f32>,
         up: &CudaView<f32>,
     ) -> Result<(), CudaError> {
-        const OP: &str = "silu_mul";
-        check_len(OP, "up length", gate.len(), up.len())?;
-        let len = gate.len();
-        if len == 0 {
-            return Ok(());
-        }
-        let n = long(OP, "length", len)?;
-        let f = self.func("silu_mul_f32")?;
-        // SAFETY: reads and writes `len` elements of two buffers of that length.
-        unsafe {
-            self.stream
-                .launch_builder(f)
-                .arg(gate)
-                .arg(up)
-                .arg(&n)
-                .launch(self.ew_cfg(OP, len)?)
-        }?;
-        Ok(())
+        self.in_place("silu_mul", "silu_mul_f32", "up length", gate, up)
     }
 
     /// `x[i] += d[i]` (the residual add).
     pub fn add(&self, x: &mut CudaViewMut<f32>, d: &CudaView<f32>) -> Result<(), CudaError> {
-        const OP: &str = "add";
-        check_len(OP, "d length", x.len(), d.len())?;
-        let len = x.len();
+        self.in_place("add", "add_f32", "d length", x, d)
+    }
+
+    /// Runs the element-wise kernel `name(a, b, len)` that updates `a` from `b` in place.
+    fn in_place(
+        &self,
+        op: &str,
+        name: &'static str,
+        b_what: &str,
+        a: &mut CudaViewMut<f32>,
+        b: &CudaView<f32>,
+    ) -> Result<(), CudaError> {
+        check_len(op, b_what, a.len(), b.len())?;
+        let len = a.len();
         if len == 0 {
             return Ok(());
         }
-        let n = long(OP, "length", len)?;
-        let f = self.func("add_f32")?;
+        let n = long(op, "length", len)?;
+        let f = self.func(name)?;
         // SAFETY: reads and writes `len` elements of two buffers of that length.
         unsafe {
             self.stream
                 .launch_builder(f)
-                .arg(x)
-                .arg(d)
+                .arg(a)
+                .arg(b)
                 .arg(&n)
-                .launch(self.ew_cfg(OP, len)?)
+                .launch(self.ew_cfg(op, len)?)
         }?;
         Ok(())
     }

@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use cudarc::nccl::ReduceOp;
-use indicatif::{ProgressBar, ProgressStyle};
 use shard_tool::config::ModelConfig;
 use shard_tool::plan::ShardSpec;
+use shard_tool::split::progress_bar;
 use tessera_kernels::cpu::{AttnShape, RopeCache};
 use tessera_kernels::cuda::{CudaError, Gpu, GpuMatrix};
 use tracing::info;
@@ -72,16 +72,11 @@ impl CudaBackend {
             .filter_map(|t| weights.matrix(t))
             .map(|m| m.data.len())
             .sum();
-        let bar = ProgressBar::new(total as u64).with_style(
-            ProgressStyle::with_template(
-                "uploading weights to {msg} {bar:30} {bytes}/{total_bytes}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        let bar = progress_bar(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            total as u64,
+            "uploading weights to the GPU",
         );
-        bar.set_message(device.to_string());
-        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        }
         let upload = |t: Tensor| -> Result<GpuMatrix> {
             let m = matrix_of(weights, t)?;
             let g = upload_matrix(&gpu, m)?;

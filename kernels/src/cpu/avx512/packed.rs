@@ -233,28 +233,54 @@ pub(crate) fn matmul(
     let (act_ref, aux) = (&act[..n_tokens * stride], &scratch.aux[..]);
     // Work items are (token block, run of row groups). A token block's activations stay in L1/L2 while
     // every group of the run streams its weights past them; within a group, 4-token tiles reuse each
-    // weight load. Decode is one token block.
+    // weight load.
     let t_block = token_block(stride);
     let n_tblocks = n_tokens.div_ceil(t_block);
-    let per_thread = (groups * n_tblocks).div_ceil(pool.n_threads().max(1));
-    let chunk = if pool.n_threads() <= 1 {
+    let n_threads = pool.n_threads().max(1);
+    let per_thread = (groups * n_tblocks).div_ceil(n_threads);
+    let chunk = if n_threads <= 1 {
         groups
     } else {
         (per_thread / 6).clamp(1, groups)
     };
     let n_gchunks = groups.div_ceil(chunk);
     let n_items = n_tblocks * n_gchunks;
+    // Decode (one token block) is a single pass over the matrix, bound by memory bandwidth: runs shrink
+    // with the work left (guided scheduling), so each thread streams long contiguous runs first and the
+    // threads still finish together, instead of one waiting out the other's last equal-sized chunk.
+    let guided = n_tblocks == 1 && n_threads > 1;
     let next = AtomicUsize::new(0);
+    let claim = || -> Option<(usize, std::ops::Range<usize>)> {
+        if guided {
+            let mut cur = next.load(Ordering::Relaxed);
+            loop {
+                if cur >= groups {
+                    return None;
+                }
+                let size = ((groups - cur) / (2 * n_threads)).max(1);
+                match next.compare_exchange_weak(
+                    cur,
+                    cur + size,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return Some((0, cur..cur + size)),
+                    Err(c) => cur = c,
+                }
+            }
+        }
+        let item = next.fetch_add(1, Ordering::Relaxed);
+        if item >= n_items {
+            return None;
+        }
+        let (tb, gc) = (item / n_gchunks, item % n_gchunks);
+        Some((tb, gc * chunk..((gc + 1) * chunk).min(groups)))
+    };
     let out = SharedOut(y.as_mut_ptr());
     pool.run(|_, _| {
-        loop {
-            let item = next.fetch_add(1, Ordering::Relaxed);
-            if item >= n_items {
-                break;
-            }
-            let (tb, gc) = (item / n_gchunks, item % n_gchunks);
+        while let Some((tb, run)) = claim() {
             let (t_lo, t_hi) = (tb * t_block, ((tb + 1) * t_block).min(n_tokens));
-            for g in gc * chunk..((gc + 1) * chunk).min(groups) {
+            for g in run {
                 let wg = data[g * nb * rec..].as_ptr();
                 let valid = (rows - g * GROUP).min(GROUP);
                 let mut t = t_lo;

@@ -88,6 +88,7 @@ fi
 log "building ${TARGETS[*]} with -j$JOBS"
 nice -n "$NICE" cmake --build "$BUILD" --config Release -j "$JOBS" --target "${TARGETS[@]}" >&2
 for t in "${TARGETS[@]}"; do
+    case "$t" in llama|ggml|ggml-*) continue ;; esac   # libraries stay in the build tree
     if [ -x "$BUILD/bin/$t" ]; then
         install -m 0755 "$BUILD/bin/$t" "$BIN/$t"
         log "installed $BIN/$t"

@@ -417,3 +417,84 @@ fn transformers_reference_runs() {
     eprintln!("smollm2-hf-f32: engine vs transformers f32 {worst:e}");
     assert!(worst < 0.1, "{worst}");
 }
+
+/// Generates `n` tokens greedily from `prompt`, each step fed the engine's own previous choice (as
+/// llama.cpp generated its reference: prompt in one batch, then one token per decode).
+fn free_running_greedy(
+    engine: &mut tessera_worker::Engine<'_>,
+    prompt: &[u32],
+    n: usize,
+    kv: KvType,
+) -> Vec<u32> {
+    let mut cache = engine.new_cache_of(prompt.len() + n, kv, None).unwrap();
+    let mut batch = Batch::new();
+    batch.push_tokens(0, prompt, Logits::Last);
+    let mut out = Vec::with_capacity(n);
+    let mut next = argmax(engine.forward(&batch, &mut [&mut cache]).unwrap().logits().unwrap());
+    while out.len() < n {
+        out.push(next as u32);
+        batch.clear();
+        batch.push_tokens(prompt.len() + out.len() - 1, &[next as u32], Logits::Last);
+        next = argmax(engine.forward(&batch, &mut [&mut cache]).unwrap().logits().unwrap());
+    }
+    out
+}
+
+/// The greedy check without teacher forcing: 64 tokens generated from SmolLM2's 64-token prompt in F32 and
+/// F16 equal llama.cpp's 64 tokens exactly, with the F32 cache llama.cpp used and, for F32 weights, with
+/// the default f16 cache too.
+///
+/// Q8_0 is generated and reported, not held to identity: once one Q8_0 activation rounding flips (a 1e-7
+/// difference upstream decides it), logits move by 0.3–0.7, and llama.cpp's continuation then depends on
+/// its own build. `llama_cpp_native_greedy.json` (scripts/llama-cpp-greedy.sh) shows it: the same llama.cpp
+/// built with -march=native gives prompt logits identical to the fixture's AVX2 build for 7 positions, then
+/// 0.24–0.68 apart, and its Q8_0 continuation leaves the AVX2 build's at step 41. The engine's leaves it at
+/// step 18, where llama.cpp's two builds put the top-two margin at 0.171 and 0.041. Q8_0 is held to the
+/// teacher-forced margin rule of `llama_cpp_reference_runs` instead.
+#[test]
+fn greedy_continuations_equal_llama_cpp() {
+    let dir = fixtures().join("engine");
+    let Ok(text) = std::fs::read(dir.join("llama_cpp.json")) else {
+        missing("tests/fixtures/engine/llama_cpp.json absent".into());
+        return;
+    };
+    let json: Value = serde_json::from_slice(&text).unwrap();
+    let Some(models) = models_dir() else { return };
+    let mut failures = Vec::new();
+    for (name, exact) in [
+        ("smollm2-f32", true),
+        ("smollm2-f16", true),
+        ("smollm2-q8_0", false),
+    ] {
+        let run = json["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["run"] == name)
+            .unwrap_or_else(|| panic!("{name}: no reference run"));
+        let path = models.join(run["file"].as_str().unwrap());
+        if !path.exists() {
+            missing(format!("{name}: {} absent", path.display()));
+            continue;
+        }
+        let ckpt = shard_tool::checkpoint::Checkpoint::open(&[path]).unwrap();
+        let mut engine = single_threads(&ckpt, 2);
+        let prompt = ids(&json["prompts"][run["prompt"].as_str().unwrap()]["ids"]);
+        let want = ids(&run["greedy"]["ids"]);
+        let mut kvs = vec![KvType::F32];
+        if name.ends_with("f32") {
+            kvs.push(KvType::F16);
+        }
+        for kv in kvs {
+            let got = free_running_greedy(&mut engine, &prompt, want.len(), kv);
+            let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
+            eprintln!("{name} ({kv:?} cache): first difference from llama.cpp {first_diff:?}");
+            if exact && got != want {
+                failures.push(format!(
+                    "{name} ({kv:?} cache): greedy tokens differ from step {first_diff:?}\n ours   {got:?}\n theirs {want:?}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

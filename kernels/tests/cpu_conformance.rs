@@ -234,6 +234,9 @@ fn matmul_matches_reference() {
         (33, 512, 5),
         (64, 768, 9),
         (5, 256, 4),
+        // 70 tokens of 4096 columns are more than one 256 KiB token block of the packed kernels (56 Q8_K
+        // rows), so a batch spans two blocks and a partial 4-token tile.
+        (17, 4096, 70),
     ];
     for k in tables() {
         for ty in GgmlType::ALL {

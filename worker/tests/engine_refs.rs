@@ -160,13 +160,7 @@ fn run_once(
         );
         batch.clear();
         batch.push_tokens(n + i, &[want], Logits::Last);
-        next = argmax(
-            engine
-                .forward(&batch, &mut [&mut cache])
-                .unwrap()
-                .logits()
-                .unwrap(),
-        );
+        next = greedy_next(engine, &batch, &mut cache);
     }
     f
 }
@@ -430,12 +424,12 @@ fn free_running_greedy(
     let mut batch = Batch::new();
     batch.push_tokens(0, prompt, Logits::Last);
     let mut out = Vec::with_capacity(n);
-    let mut next = argmax(engine.forward(&batch, &mut [&mut cache]).unwrap().logits().unwrap());
+    let mut next = greedy_next(engine, &batch, &mut cache);
     while out.len() < n {
         out.push(next as u32);
         batch.clear();
         batch.push_tokens(prompt.len() + out.len() - 1, &[next as u32], Logits::Last);
-        next = argmax(engine.forward(&batch, &mut [&mut cache]).unwrap().logits().unwrap());
+        next = greedy_next(engine, &batch, &mut cache);
     }
     out
 }

@@ -53,25 +53,13 @@ fn smollm2_says_paris() {
         let mut cache = engine.new_cache(64, None).unwrap();
         let mut batch = Batch::new();
         batch.push_tokens(0, &PROMPT, Logits::Last);
-        let mut next = argmax(
-            engine
-                .forward(&batch, &mut [&mut cache])
-                .unwrap()
-                .logits()
-                .unwrap(),
-        );
+        let mut next = greedy_next(&mut engine, &batch, &mut cache);
         let t0 = std::time::Instant::now();
         let mut generated = vec![next];
         for pos in PROMPT.len()..PROMPT.len() + 16 {
             batch.clear();
             batch.push_tokens(pos, &[next as u32], Logits::Last);
-            next = argmax(
-                engine
-                    .forward(&batch, &mut [&mut cache])
-                    .unwrap()
-                    .logits()
-                    .unwrap(),
-            );
+            next = greedy_next(&mut engine, &batch, &mut cache);
             generated.push(next);
         }
         eprintln!(

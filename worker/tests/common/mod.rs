@@ -184,6 +184,17 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Runs `batch` (one sequence, logits for its last token) and returns the greedy token.
+pub fn greedy_next(engine: &mut Engine<'_>, batch: &Batch, cache: &mut KvCache) -> usize {
+    argmax(
+        engine
+            .forward(batch, &mut [cache])
+            .unwrap()
+            .logits()
+            .unwrap(),
+    )
+}
+
 pub fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()

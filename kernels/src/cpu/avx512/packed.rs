@@ -315,13 +315,13 @@ pub(crate) fn matmul(
     Ok(())
 }
 
-/// Tokens per block: activations of about 256 KiB, which stay in L2 (1–2 MiB per core on AVX-512 parts)
+/// Tokens per block (for the quantized and the float layouts): activations of about 256 KiB, which stay in L2 (1–2 MiB per core on AVX-512 parts)
 /// while each group's weights, read once from memory, serve every 4-token tile of the block from L1/L2.
 /// Every block streams the whole matrix from memory again, so the block decides how often a batch
 /// re-reads the weights: with 24 KiB (L1) blocks, a 32-sequence decode step of the llama3-1b-shaped Q4_K_M
 /// model read its 0.8 GB 4–8 times and ran at 141–150 tok/s; with 256 KiB, 182–189 tok/s, and pp512 no
 /// slower (engine-bench --parallel 32 / -p 512, 2 threads, bench/RESULTS.md).
-fn token_block(stride: usize) -> usize {
+pub(super) fn token_block(stride: usize) -> usize {
     ((256 << 10) / stride.max(1)).max(T_TILE) / T_TILE * T_TILE
 }
 

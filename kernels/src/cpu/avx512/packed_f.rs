@@ -255,7 +255,7 @@ fn matmul_with(
             &act[..n_tokens * stride]
         }
     };
-    let t_block = ((32 << 10) / stride.max(1)).max(T_TILE) / T_TILE * T_TILE;
+    let t_block = super::packed::token_block(stride);
     let n_tblocks = n_tokens.div_ceil(t_block);
     let per_thread = (groups * n_tblocks).div_ceil(pool.n_threads().max(1));
     let chunk = if pool.n_threads() <= 1 {

@@ -18,8 +18,9 @@
 //!   logit. llama.cpp's native build runs the same AVX2 quantized dot products as the fixtures' build and
 //!   is bit-identical to it until its first flip (Q4_0 position 3, Q8_0 position 7, Q4_1 beyond 12:
 //!   `scripts/llama-cpp-greedy.sh` with `PROMPT_LOGITS`). That is llama.cpp's own reproducibility: its
-//!   AVX-512 build and the AVX2 build that made these files differ by the same amounts on the same inputs (F16 5.0e-2, BF16 0.18, Q8_0 0.68, Q4_0
-//!   0.84, Q4_1 0.82 logits; measured with a native build of the same llama.cpp). So these runs are held to
+//!   AVX-512 build and the AVX2 build that made these files differ by the same amounts on the same inputs
+//!   (F16 5.0e-2, BF16 0.18, Q8_0 0.68, Q4_0 0.84, Q4_1 0.82 logits; measured with a native build of the
+//!   same llama.cpp). So these runs are held to
 //!   per-type logit bounds (`bounds`) and to greedy agreement: wherever llama.cpp's top-two margin exceeds
 //!   a per-type threshold, the greedy token agrees in at least 90% of positions, and every disagreement is
 //!   explained (llama.cpp's margin there is under twice the largest logit difference measured). The greedy

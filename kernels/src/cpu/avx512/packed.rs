@@ -245,9 +245,10 @@ pub(crate) fn matmul(
     };
     let n_gchunks = groups.div_ceil(chunk);
     let n_items = n_tblocks * n_gchunks;
-    // Decode (one token block) is a single pass over the matrix, bound by memory bandwidth: runs shrink
-    // with the work left (guided scheduling), so each thread streams long contiguous runs first and the
-    // threads still finish together, instead of one waiting out the other's last equal-sized chunk.
+    // One token block (decode, and batches of up to ~100 tokens of a 2048-wide row) is a single pass over
+    // the matrix, bound by memory bandwidth for one token: runs shrink with the work left (guided
+    // scheduling), so each thread streams long contiguous runs first and the threads still finish
+    // together, instead of one waiting out the other's last equal-sized chunk.
     let guided = n_tblocks == 1 && n_threads > 1;
     let next = AtomicUsize::new(0);
     let claim = || -> Option<(usize, std::ops::Range<usize>)> {

@@ -64,7 +64,9 @@ step_env() {
     done
     for lib in cuda nvrtc cublas cublasLt nccl; do
         local f
-        f=$(find "${dirs[@]}" -name "lib$lib.so*" ! -name '*.alt.*' 2>/dev/null | sort -V | tail -1)
+        # Highest version by file name; never a link-time stub (cuda/lib64/stubs/libcuda.so).
+        f=$(find "${dirs[@]}" -name "lib$lib.so*" ! -name '*.alt.*' ! -path '*/stubs/*' 2>/dev/null |
+            awk -F/ '{print $NF "\t" $0}' | sort -V | tail -1 | cut -f2)
         if [ -n "$f" ]; then
             ln -sf "$f" "$LINKS/lib$lib.so"
             echo "lib$lib.so -> $f"
@@ -74,8 +76,14 @@ step_env() {
         fi
     done
     export LD_LIBRARY_PATH="$LINKS${LIBDIRS:-}:${LD_LIBRARY_PATH:-}"
-    export TESSERA_CUDA_LIB_DIR
-    TESSERA_CUDA_LIB_DIR=$(dirname "$(readlink -f "$LINKS/libnvrtc.so")")
+    # NVRTC alone (its builtins beside it) for the compile test, which preloads every library of the
+    # directory it is given; the wheel's own directory may hold many more.
+    export TESSERA_CUDA_LIB_DIR=/tmp/tessera-nvrtc
+    mkdir -p "$TESSERA_CUDA_LIB_DIR"
+    local nvrtc_dir
+    nvrtc_dir=$(dirname "$(readlink -f "$LINKS/libnvrtc.so")")
+    ln -sf "$nvrtc_dir"/libnvrtc*.so* "$TESSERA_CUDA_LIB_DIR/" 2>/dev/null
+    ls -l "$TESSERA_CUDA_LIB_DIR"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 }
 

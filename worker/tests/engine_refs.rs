@@ -58,6 +58,15 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+/// `tests/fixtures/engine/<file>` parsed, or `None` (a failure under CI=true) when it is absent.
+fn engine_fixture(file: &str) -> Option<Value> {
+    let Ok(text) = std::fs::read(fixtures().join("engine").join(file)) else {
+        missing(format!("tests/fixtures/engine/{file} absent"));
+        return None;
+    };
+    Some(serde_json::from_slice(&text).unwrap())
+}
+
 /// (max |Δlogit|, max |Δlogit| / row range, greedy margin threshold) for a run with an F32 cache.
 /// Measured max |Δlogit| (SmolLM2 logits span ~60, synthetic ~24): SmolLM2 F32 3.0e-5, F16 5.0e-2, BF16 0.21,
 /// Q8_0 0.81, Q4_0 0.93, Q4_1 0.81; synthetic F32 1.7e-5, Q2_K…Q6_K 0.06–0.18.
@@ -172,11 +181,9 @@ fn run_once(
 #[test]
 fn llama_cpp_reference_runs() {
     let dir = fixtures().join("engine");
-    let Ok(text) = std::fs::read(dir.join("llama_cpp.json")) else {
-        missing("tests/fixtures/engine/llama_cpp.json absent".into());
+    let Some(json) = engine_fixture("llama_cpp.json") else {
         return;
     };
-    let json: Value = serde_json::from_slice(&text).unwrap();
     let Some(models) = models_dir() else { return };
     let (mut ran, mut failures) = (0, Vec::new());
     for run in json["runs"].as_array().unwrap() {
@@ -240,11 +247,9 @@ fn llama_cpp_reference_runs() {
 #[test]
 fn long_context_with_llama3_rope_scaling() {
     let dir = fixtures().join("engine");
-    let Ok(text) = std::fs::read(dir.join("longctx.json")) else {
-        missing("tests/fixtures/engine/longctx.json absent".into());
+    let Some(json) = engine_fixture("longctx.json") else {
         return;
     };
-    let json: Value = serde_json::from_slice(&text).unwrap();
     let Some(models) = models_dir() else { return };
     let models_json: Value =
         serde_json::from_slice(&std::fs::read(dir.join("models.json")).unwrap()).unwrap();
@@ -451,12 +456,9 @@ fn free_running_greedy(
 /// teacher-forced margin rule of `llama_cpp_reference_runs` instead.
 #[test]
 fn greedy_continuations_equal_llama_cpp() {
-    let dir = fixtures().join("engine");
-    let Ok(text) = std::fs::read(dir.join("llama_cpp.json")) else {
-        missing("tests/fixtures/engine/llama_cpp.json absent".into());
+    let Some(json) = engine_fixture("llama_cpp.json") else {
         return;
     };
-    let json: Value = serde_json::from_slice(&text).unwrap();
     let Some(models) = models_dir() else { return };
     let mut failures = Vec::new();
     for (name, exact) in [

@@ -7,6 +7,10 @@
 //! thread over a channel and await the answer on a oneshot; Describe and Stats are answered from shared state
 //! without waiting for a running batch.
 //!
+//! Order: a Forward numbered `order = n` waits (on the async side) until batch n - 1 of its epoch is on the
+//! engine thread's queue, so a coordinator can send a stage's next batch while the current one runs and the
+//! engine thread goes straight from one to the next.
+//!
 //! Epochs: JoinGroup starts one; Forward and Release of another epoch get FAILED_PRECONDITION. An all-reduce
 //! failure or an engine failure in the middle of a batch poisons the epoch (the ranks of the stage may no
 //! longer be in lockstep): UNAVAILABLE until the next JoinGroup. A malformed batch is INVALID_ARGUMENT, naming
@@ -93,6 +97,8 @@ struct Shared {
     commands: mpsc::Sender<Command>,
     /// Serializes JoinGroups (each replaces the group).
     join: tokio::sync::Mutex<()>,
+    /// `(epoch, order of the last batch taken)`: numbered Forwards wait here for their predecessor.
+    order: tokio::sync::watch::Sender<(u64, u64)>,
     core: Arc<Core>,
 }
 
@@ -275,6 +281,7 @@ impl WorkerService {
                 options,
                 commands,
                 join: tokio::sync::Mutex::new(()),
+                order: tokio::sync::watch::Sender::new((0, 0)),
                 core,
             }),
         })
@@ -290,6 +297,92 @@ impl WorkerService {
     /// The address peers connect to at JoinGroup.
     pub fn peer_addr(&self) -> SocketAddr {
         self.shared.listener.local_addr()
+    }
+
+    /// Checks a Forward and puts it on the engine thread's queue; the receiver gets the answer.
+    fn queue_forward(
+        &self,
+        req: ForwardRequest,
+    ) -> Result<oneshot::Receiver<Result<ForwardResponse, Status>>, Status> {
+        let seqs = req
+            .seqs
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let logits = match LogitsMode::try_from(q.logits) {
+                    Ok(LogitsMode::None) => Logits::None,
+                    Ok(LogitsMode::Last) => Logits::Last,
+                    Ok(LogitsMode::All) => Logits::All,
+                    Err(_) => {
+                        return Err(Status::invalid_argument(format!(
+                            "seqs[{i}].logits: unknown LogitsMode {} (seq_id {})",
+                            q.logits, q.seq_id
+                        )));
+                    }
+                };
+                Ok(SeqInput {
+                    seq_id: q.seq_id,
+                    start_pos: q.start_pos as usize,
+                    n_tokens: q.n_tokens as usize,
+                    logits,
+                    context: q.context as usize,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let hidden = bytes_to_f32s(&req.hidden).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "hidden: {} bytes is not a whole number of f32 values (4 bytes each)",
+                req.hidden.len()
+            ))
+        })?;
+        let (reply, rx) = oneshot::channel();
+        self.shared.send(Command::Forward {
+            epoch: req.epoch,
+            seqs,
+            tokens: req.tokens,
+            hidden,
+            reply,
+        })?;
+        Ok(rx)
+    }
+
+    /// Waits until batch `order` of `epoch` is the next to go (see `ForwardRequest.order`).
+    async fn take_turn(&self, epoch: u64, order: u64) -> Result<(), Status> {
+        let s = &self.shared;
+        let mut turn = s.order.subscribe();
+        let limit = s.options.link_timeout;
+        let waited = tokio::time::timeout(
+            limit,
+            turn.wait_for(|&(e, taken)| e != epoch || taken + 1 >= order),
+        )
+        .await;
+        let (now_epoch, taken) = match waited {
+            Ok(Ok(state)) => *state,
+            Ok(Err(_)) => return Err(Status::internal("the batch order was dropped")),
+            Err(_) => {
+                let taken = s.order.borrow().1;
+                let why = format!(
+                    "batch {order} waited {:.1} s for batch {} of the epoch, which never came",
+                    limit.as_secs_f64(),
+                    taken + 1
+                );
+                s.core.poison(epoch, why.clone());
+                return Err(Status::unavailable(why));
+            }
+        };
+        if now_epoch != epoch {
+            return Err(Status::failed_precondition(format!(
+                "epoch: the request is for epoch {epoch}, this worker re-joined in epoch {now_epoch} while \
+                 the batch waited for its turn"
+            )));
+        }
+        if taken + 1 > order {
+            return Err(Status::invalid_argument(format!(
+                "order: batch {order} of epoch {epoch} was already taken (the next is {})",
+                taken + 1
+            )));
+        }
+        Ok(())
     }
 
     /// The tonic server for this service, with message limits of [`MAX_MESSAGE_BYTES`].
@@ -420,6 +513,8 @@ impl Worker for WorkerService {
             st.epoch = req.epoch;
             st.poisoned = Some("JoinGroup has not finished".into());
         }
+        // Wakes numbered Forwards of the old epoch still waiting for a predecessor (they fail).
+        s.order.send_replace((req.epoch, 0));
         let epoch = req.epoch;
         let own = s.info.peer_addr.clone();
         if req.peers[core.rank] != own {
@@ -492,46 +587,20 @@ impl Worker for WorkerService {
         let req = request.into_inner();
         let s = &self.shared;
         s.core.admit(req.epoch)?;
-        let seqs = req
-            .seqs
-            .iter()
-            .enumerate()
-            .map(|(i, q)| {
-                let logits = match LogitsMode::try_from(q.logits) {
-                    Ok(LogitsMode::None) => Logits::None,
-                    Ok(LogitsMode::Last) => Logits::Last,
-                    Ok(LogitsMode::All) => Logits::All,
-                    Err(_) => {
-                        return Err(Status::invalid_argument(format!(
-                            "seqs[{i}].logits: unknown LogitsMode {} (seq_id {})",
-                            q.logits, q.seq_id
-                        )));
-                    }
-                };
-                Ok(SeqInput {
-                    seq_id: q.seq_id,
-                    start_pos: q.start_pos as usize,
-                    n_tokens: q.n_tokens as usize,
-                    logits,
-                    context: q.context as usize,
-                })
-            })
-            .collect::<Result<Vec<_>, Status>>()?;
-        let hidden = bytes_to_f32s(&req.hidden).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "hidden: {} bytes is not a whole number of f32 values (4 bytes each)",
-                req.hidden.len()
-            ))
-        })?;
-        let (reply, rx) = oneshot::channel();
-        s.send(Command::Forward {
-            epoch: req.epoch,
-            seqs,
-            tokens: req.tokens,
-            hidden,
-            reply,
-        })?;
-        answer(rx).await.map(Response::new)
+        if req.order == 0 {
+            return answer(self.queue_forward(req)?).await.map(Response::new);
+        }
+        let epoch = req.epoch;
+        self.take_turn(epoch, req.order).await?;
+        // This batch holds the turn until it is on the engine thread's queue (or refused): the next number
+        // may go as soon as its place behind this one is fixed, not when this one has run.
+        let queued = self.queue_forward(req);
+        s.order.send_modify(|o| {
+            if o.0 == epoch {
+                o.1 += 1;
+            }
+        });
+        answer(queued?).await.map(Response::new)
     }
 
     async fn release(

@@ -173,6 +173,7 @@ async fn run_batch(
             seqs: seqs.clone(),
             tokens: if s == 0 { tokens.clone() } else { Vec::new() },
             hidden: hidden.clone(),
+            order: 0,
         };
         let resps: Vec<ForwardResponse> = forward_stage(ranks, req)
             .await
@@ -386,6 +387,7 @@ async fn epochs_and_malformed_requests() {
         seqs: vec![seq(1, 0, 2, LogitsMode::Last)],
         tokens: vec![3, 4],
         hidden: Bytes::new(),
+        order: 0,
     };
 
     let err = first.forward(batch(0)).await.unwrap_err();
@@ -439,6 +441,7 @@ async fn epochs_and_malformed_requests() {
         seqs: vec![seq(1, 0, 2, LogitsMode::Last)],
         tokens: Vec::new(),
         hidden: hidden.slice(..7),
+        order: 0,
     };
     let err = last.forward(req.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -501,6 +504,7 @@ async fn release_frees_and_kv_memory_is_resource_exhausted() {
         seqs: vec![seq(id, 0, 1, LogitsMode::Last)],
         tokens: vec![7],
         hidden: Bytes::new(),
+        order: 0,
     };
     w.forward(start(1)).await.unwrap();
     w.forward(start(2)).await.unwrap();
@@ -530,6 +534,58 @@ async fn release_frees_and_kv_memory_is_resource_exhausted() {
     );
 }
 
+/// Numbered batches run in their order whatever order they arrive in (a sequence's second batch sent first
+/// waits for its first); a number already taken is refused; a batch whose predecessor never comes fails
+/// UNAVAILABLE after the link timeout and poisons the epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbered_batches_run_in_their_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shards");
+    split_into(&fixtures().join(F32), 1, 1, &dir);
+    let opts = ServiceOptions {
+        link_timeout: Duration::from_millis(500),
+        ..service_options()
+    };
+    let stages = start_all(&dir, opts).await;
+    join_all(&stages, 1).await;
+    let w = stages[0][0].client.clone();
+    let batch = |order, start_pos, token| ForwardRequest {
+        epoch: 1,
+        seqs: vec![seq(1, start_pos, 1, LogitsMode::Last)],
+        tokens: vec![token],
+        hidden: Bytes::new(),
+        order,
+    };
+    // Batch 2 extends the sequence batch 1 creates: run first, it would find an empty cache.
+    let second = {
+        let mut c = w.clone();
+        let req = batch(2, 1, 8);
+        tokio::spawn(async move { c.forward(req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!second.is_finished(), "batch 2 ran before batch 1 arrived");
+    let first = w.clone().forward(batch(1, 0, 7)).await.unwrap().into_inner();
+    let second = second.await.unwrap().unwrap().into_inner();
+    assert_eq!((first.n_logit_rows, second.n_logit_rows), (1, 1));
+
+    let err = w.clone().forward(batch(2, 2, 9)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("already taken"), "{}", err.message());
+
+    // Batch 3 never comes.
+    let err = w.clone().forward(batch(4, 2, 9)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("never came"), "{}", err.message());
+    let err = w.clone().forward(batch(0, 2, 9)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // A new epoch numbers from 1 again.
+    join_all(&stages, 2).await;
+    let mut req = batch(1, 0, 7);
+    req.epoch = 2;
+    w.clone().forward(req).await.unwrap();
+}
+
 /// A batch sent to only one rank of a tp=2 stage: its all-reduce times out, the epoch is poisoned on both
 /// ranks (UNAVAILABLE), and a new JoinGroup recovers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -548,6 +604,7 @@ async fn failed_all_reduce_poisons_the_epoch_until_the_next_join() {
         seqs: vec![seq(1, 0, 3, LogitsMode::Last)],
         tokens: vec![1, 2, 3],
         hidden: Bytes::new(),
+        order: 0,
     };
     let mut rank0 = stages[0][0].client.clone();
     let mut rank1 = stages[0][1].client.clone();

@@ -16,10 +16,11 @@
 //!
 //! # Forward
 //!
-//! Each stage has a `tokio::sync::Mutex`, held while the batch runs on that stage only: micro-batches of
-//! different scheduler lanes overlap across stages, and every rank of a stage receives the stage's batches in
-//! the same order (a stage takes the next batch only once all its ranks answered the previous one). All ranks
-//! of a stage get the same request concurrently; rank 0's hidden states go to the next stage; the last
+//! Each stage numbers its batches within the epoch (`ForwardRequest.order`, 1, 2, …) when a batch reaches it,
+//! and the workers run them in that order: every rank of a stage runs the same batches in the same order,
+//! micro-batches of different scheduler lanes overlap across stages, and a stage's next batch is sent while
+//! the current one still runs, so its workers do not sit idle while an answer travels back, is sampled and
+//! the next request travels out. All ranks of a stage get the same request concurrently; rank 0's hidden states go to the next stage; the last
 //! stage's ranks each return a slice of the vocabulary, placed into full `n_logits × n_vocab` rows.
 //!
 //! Errors: every rank of a stage answering RESOURCE_EXHAUSTED (KV memory) is `ResourceExhausted`, every rank
@@ -39,7 +40,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -150,8 +151,8 @@ pub struct RemotePipeline {
 
 struct Stage {
     index: usize,
-    /// Held while a batch runs on this stage; see the module doc.
-    turn: tokio::sync::Mutex<()>,
+    /// `(epoch, order of the last batch numbered)`; see the module doc.
+    order: Mutex<(u64, u64)>,
     ranks: Vec<Rank>,
 }
 
@@ -160,6 +161,21 @@ struct Rank {
     rank: usize,
     addr: String,
     client: WorkerClient<Channel>,
+}
+
+impl Stage {
+    /// The `order` of the stage's next batch in `epoch`. Numbers restart at 1 in a newer epoch; a request
+    /// of an older one (it will be refused for its epoch) must not reset the count of the current one.
+    fn next_order(&self, epoch: u64) -> u64 {
+        let mut order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        if epoch > order.0 {
+            *order = (epoch, 0);
+        } else if epoch < order.0 {
+            return u64::MAX;
+        }
+        order.1 += 1;
+        order.1
+    }
 }
 
 impl Rank {
@@ -223,7 +239,7 @@ impl RemotePipeline {
             }
             stages.push(Stage {
                 index: stage,
-                turn: tokio::sync::Mutex::new(()),
+                order: Mutex::new((0, 0)),
                 ranks,
             });
         }
@@ -493,11 +509,9 @@ impl RemotePipeline {
                     Vec::new()
                 },
                 hidden: std::mem::take(&mut hidden),
+                order: stage.next_order(epoch),
             };
-            let mut answers = {
-                let _turn = stage.turn.lock().await;
-                self.forward_stage(epoch, stage, &request).await?
-            };
+            let mut answers = self.forward_stage(epoch, stage, &request).await?;
             if stage.index + 1 < n_stages {
                 let want = n_tokens * layout.n_embd * 4;
                 let got = answers[0].hidden.len();

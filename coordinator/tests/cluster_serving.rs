@@ -318,11 +318,22 @@ fn bad_requests_name_the_field() {
 
 /// A worker killed mid-stream: the client gets UNAVAILABLE within seconds, health turns 503, requests get
 /// an OpenAI-style 503 body; after the worker restarts the coordinator re-forms the group by itself and the
-/// same request gives the same output as before the failure.
+/// same request gives the same output as before the failure. Here a tensor-parallel rank (TP=2).
 #[test]
 fn killed_worker_fails_fast_and_the_cluster_recovers() {
+    kill_and_recover(2, 1, 1);
+}
+
+/// The same with two pipeline stages, killing stage 0: stage 1's workers are then waiting for hidden states
+/// that stage 0 will never hand them.
+#[test]
+fn killed_first_stage_fails_fast_and_the_cluster_recovers() {
+    kill_and_recover(1, 2, 0);
+}
+
+fn kill_and_recover(tp: usize, pp: usize, victim: usize) {
     let Some(model) = model(SMOLLM2) else { return };
-    let mut served = Served::start(&model, 2, 1);
+    let mut served = Served::start(&model, tp, pp);
     let body = r#"{"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}"#;
     let (status, before) = http(served.http, "POST", "/v1/completions", Some(body));
     assert_eq!(status, 200, "{before}");
@@ -337,7 +348,7 @@ fn killed_worker_fails_fast_and_the_cluster_recovers() {
     let first = served.rt.block_on(stream.message()).expect("first message");
     assert!(first.is_some());
     let killed = Instant::now();
-    served.workers.kill_worker(1);
+    served.workers.kill_worker(victim);
     let err = served.rt.block_on(async {
         loop {
             match tokio::time::timeout(Duration::from_secs(20), stream.message()).await {
@@ -369,7 +380,7 @@ fn killed_worker_fails_fast_and_the_cluster_recovers() {
         "{resp}"
     );
 
-    served.workers.restart_worker(1).expect("restart");
+    served.workers.restart_worker(victim).expect("restart");
     let recovered_after = served.wait_health(200, Duration::from_secs(30));
     eprintln!("/health 200 again {recovered_after:?} after the restart");
     let (status, after) = http(served.http, "POST", "/v1/completions", Some(body));

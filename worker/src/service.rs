@@ -17,6 +17,7 @@
 //! the field; running out of KV cache memory is RESOURCE_EXHAUSTED. Neither poisons: the engine checks a
 //! batch before it computes anything, so every rank of a stage refuses the same batch the same way.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,11 +27,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tessera_kernels::cpu::Pool;
+use tessera_proto::worker::v1::worker_client::WorkerClient;
 use tessera_proto::worker::v1::worker_server::{Worker, WorkerServer};
 use tessera_proto::worker::v1::{
-    DescribeRequest, DescribeResponse, ForwardRequest, ForwardResponse, JoinGroupRequest,
-    JoinGroupResponse, LogitsMode, NcclIdRequest, NcclIdResponse, ReleaseRequest, ReleaseResponse,
-    StatsRequest, StatsResponse,
+    DescribeRequest, DescribeResponse, ForwardRequest, ForwardResponse, HandOffRequest,
+    HandOffResponse, JoinGroupRequest, JoinGroupResponse, LogitsMode, NcclIdRequest,
+    NcclIdResponse, ReleaseRequest, ReleaseResponse, StatsRequest, StatsResponse,
 };
 use tessera_proto::{bytes_to_f32s, f32s_to_bytes};
 use tokio::sync::oneshot;
@@ -99,6 +101,10 @@ struct Shared {
     join: tokio::sync::Mutex<()>,
     /// `(epoch, order of the last batch taken)`: numbered Forwards wait here for their predecessor.
     order: tokio::sync::watch::Sender<(u64, u64)>,
+    /// Where this rank sends the hidden states of `hand_off` batches (JoinGroup's `hand_to`).
+    hand_to: Mutex<Vec<(String, WorkerClient<tonic::transport::Channel>)>>,
+    /// Hidden states handed to this rank by the previous stage, by batch order.
+    mailbox: Mutex<Mailbox>,
     core: Arc<Core>,
 }
 
@@ -143,6 +149,8 @@ enum Command {
         seqs: Vec<SeqInput>,
         tokens: Vec<u32>,
         hidden: Vec<f32>,
+        /// Return the hidden states on every rank (each hands its copy on), not only rank 0.
+        hand_off: bool,
         reply: oneshot::Sender<Result<ForwardResponse, Status>>,
     },
     Release {
@@ -150,6 +158,73 @@ enum Command {
         seq_ids: Vec<u64>,
         reply: oneshot::Sender<Result<(), Status>>,
     },
+}
+
+/// The previous stage's hidden states (or why it did not run the batch), by batch order, for one epoch.
+#[derive(Default)]
+struct Mailbox {
+    epoch: u64,
+    slots: HashMap<u64, Slot>,
+}
+
+enum Slot {
+    Arrived(std::result::Result<Bytes, String>),
+    Awaited(oneshot::Sender<std::result::Result<Bytes, String>>),
+}
+
+/// A lazily connecting client of a next-stage worker.
+fn hand_off_client(addr: &str) -> Result<WorkerClient<tonic::transport::Channel>, Status> {
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(url)
+        .map_err(|e| Status::invalid_argument(format!("hand_to: {addr:?}: {e}")))?
+        .tcp_nodelay(true);
+    Ok(WorkerClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+fn hand_off_result(
+    order: u64,
+    got: std::result::Result<Bytes, String>,
+) -> Result<Vec<f32>, Status> {
+    match got {
+        Ok(bytes) => bytes_to_f32s(&bytes).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "HandOff of batch {order}: {} bytes of hidden states is not a whole number of f32 values",
+                bytes.len()
+            ))
+        }),
+        Err(why) => Err(Status::aborted(format!(
+            "the previous stage did not run batch {order}: {why}"
+        ))),
+    }
+}
+
+/// A numbered batch's turn (see `ForwardRequest.order`): the next number may go once this is dropped, on
+/// every path — queued, refused, or the handler cancelled.
+struct Turn<'a> {
+    order: &'a tokio::sync::watch::Sender<(u64, u64)>,
+    epoch: u64,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let epoch = self.epoch;
+        self.order.send_modify(|o| {
+            if o.0 == epoch {
+                o.1 += 1;
+            }
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain maps and lists, consistent after every statement; a panic elsewhere cannot break them.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl WorkerService {
@@ -282,6 +357,8 @@ impl WorkerService {
                 commands,
                 join: tokio::sync::Mutex::new(()),
                 order: tokio::sync::watch::Sender::new((0, 0)),
+                hand_to: Mutex::new(Vec::new()),
+                mailbox: Mutex::new(Mailbox::default()),
                 core,
             }),
         })
@@ -341,34 +418,24 @@ impl WorkerService {
             seqs,
             tokens: req.tokens,
             hidden,
+            hand_off: req.hand_off,
             reply,
         })?;
         Ok(rx)
     }
 
-    /// Waits until batch `order` of `epoch` is the next to go (see `ForwardRequest.order`).
-    async fn take_turn(&self, epoch: u64, order: u64) -> Result<(), Status> {
+    /// Waits until batch `order` of `epoch` is the next to go (see `ForwardRequest.order`). No time limit of
+    /// its own: the predecessor may legitimately wait long for its hidden states; a predecessor that never
+    /// comes means the coordinator failed the epoch, and it cancels this call or re-joins (which wakes it).
+    async fn take_turn(&self, epoch: u64, order: u64) -> Result<Turn<'_>, Status> {
         let s = &self.shared;
         let mut turn = s.order.subscribe();
-        let limit = s.options.link_timeout;
-        let waited = tokio::time::timeout(
-            limit,
-            turn.wait_for(|&(e, taken)| e != epoch || taken + 1 >= order),
-        )
-        .await;
-        let (now_epoch, taken) = match waited {
-            Ok(Ok(state)) => *state,
-            Ok(Err(_)) => return Err(Status::internal("the batch order was dropped")),
-            Err(_) => {
-                let taken = s.order.borrow().1;
-                let why = format!(
-                    "batch {order} waited {:.1} s for batch {} of the epoch, which never came",
-                    limit.as_secs_f64(),
-                    taken + 1
-                );
-                s.core.poison(epoch, why.clone());
-                return Err(Status::unavailable(why));
-            }
+        let (now_epoch, taken) = match turn
+            .wait_for(|&(e, taken)| e != epoch || taken + 1 >= order)
+            .await
+        {
+            Ok(state) => *state,
+            Err(_) => return Err(Status::internal("the batch order was dropped")),
         };
         if now_epoch != epoch {
             return Err(Status::failed_precondition(format!(
@@ -381,6 +448,83 @@ impl WorkerService {
                 "order: batch {order} of epoch {epoch} was already taken (the next is {})",
                 taken + 1
             )));
+        }
+        Ok(Turn {
+            order: &s.order,
+            epoch,
+        })
+    }
+
+    /// The hidden states of batch `order` from the previous stage, once its HandOff arrives.
+    async fn receive_hand_off(&self, epoch: u64, order: u64) -> Result<Vec<f32>, Status> {
+        let rx = {
+            let mut mb = lock(&self.shared.mailbox);
+            if mb.epoch != epoch {
+                return Err(Status::failed_precondition(format!(
+                    "epoch: the request is for epoch {epoch}, this worker is in epoch {}",
+                    mb.epoch
+                )));
+            }
+            match mb.slots.remove(&order) {
+                Some(Slot::Arrived(got)) => return hand_off_result(order, got),
+                _ => {
+                    let (tx, rx) = oneshot::channel();
+                    mb.slots.insert(order, Slot::Awaited(tx));
+                    rx
+                }
+            }
+        };
+        match rx.await {
+            Ok(got) => hand_off_result(order, got),
+            Err(_) => Err(Status::failed_precondition(format!(
+                "epoch: this worker re-joined a new group while batch {order} of epoch {epoch} waited for the \
+                 previous stage's hidden states"
+            ))),
+        }
+    }
+
+    /// Sends batch `order`'s hidden states (or why there are none) to the next stage's `hand_to` workers.
+    async fn send_hand_off(
+        &self,
+        epoch: u64,
+        order: u64,
+        got: std::result::Result<Bytes, String>,
+    ) -> Result<(), Status> {
+        let targets = lock(&self.shared.hand_to).clone();
+        if targets.is_empty() {
+            return Err(Status::failed_precondition(
+                "hand_off: this rank of a non-last stage got no hand_to workers in JoinGroup",
+            ));
+        }
+        let (hidden, failed) = match got {
+            Ok(h) => (h, String::new()),
+            Err(why) => (Bytes::new(), why),
+        };
+        let limit = self.shared.options.link_timeout;
+        // One target with the planner's equal tensor-parallel degree on every stage.
+        for (addr, mut client) in targets {
+            let request = HandOffRequest {
+                epoch,
+                order,
+                hidden: hidden.clone(),
+                failed: failed.clone(),
+            };
+            match tokio::time::timeout(limit, client.hand_off(request)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(status)) => {
+                    return Err(Status::unavailable(format!(
+                        "HandOff of batch {order} to {addr} failed: {:?}: {}",
+                        status.code(),
+                        status.message()
+                    )));
+                }
+                Err(_) => {
+                    return Err(Status::unavailable(format!(
+                        "HandOff of batch {order} to {addr}: no answer within {:.1} s",
+                        limit.as_secs_f64()
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -495,6 +639,10 @@ impl Worker for WorkerService {
         let s = &self.shared;
         let _one_at_a_time = s.join.lock().await;
         let core = &s.core;
+        let mut hand_to = Vec::with_capacity(req.hand_to.len());
+        for addr in &req.hand_to {
+            hand_to.push((addr.clone(), hand_off_client(addr)?));
+        }
         {
             let mut st = core.state();
             if req.epoch <= st.epoch {
@@ -513,8 +661,14 @@ impl Worker for WorkerService {
             st.epoch = req.epoch;
             st.poisoned = Some("JoinGroup has not finished".into());
         }
-        // Wakes numbered Forwards of the old epoch still waiting for a predecessor (they fail).
+        // Wakes numbered Forwards of the old epoch still waiting for a predecessor or their hidden states
+        // (they fail).
         s.order.send_replace((req.epoch, 0));
+        *lock(&s.mailbox) = Mailbox {
+            epoch: req.epoch,
+            slots: HashMap::new(),
+        };
+        *lock(&s.hand_to) = hand_to;
         let epoch = req.epoch;
         let own = s.info.peer_addr.clone();
         if req.peers[core.rank] != own {
@@ -584,23 +738,87 @@ impl Worker for WorkerService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         let s = &self.shared;
         s.core.admit(req.epoch)?;
         if req.order == 0 {
+            if req.hand_off {
+                return Err(Status::invalid_argument(
+                    "hand_off: a batch whose stages hand hidden states on needs an order number",
+                ));
+            }
             return answer(self.queue_forward(req)?).await.map(Response::new);
         }
-        let epoch = req.epoch;
-        self.take_turn(epoch, req.order).await?;
-        // This batch holds the turn until it is on the engine thread's queue (or refused): the next number
-        // may go as soon as its place behind this one is fixed, not when this one has run.
-        let queued = self.queue_forward(req);
-        s.order.send_modify(|o| {
-            if o.0 == epoch {
-                o.1 += 1;
+        let (epoch, order, hand_off) = (req.epoch, req.order, req.hand_off);
+        let (is_first, is_last) = (s.info.is_first, s.info.is_last);
+        let turn = self.take_turn(epoch, order).await?;
+        let mut result = Ok(());
+        if hand_off && !is_first {
+            match self.receive_hand_off(epoch, order).await {
+                Ok(hidden) => req.hidden = Bytes::from(f32s_to_bytes(&hidden)),
+                Err(status) => result = Err(status),
             }
-        });
-        answer(queued?).await.map(Response::new)
+        }
+        // The turn is held until this batch is on the engine thread's queue (or refused): the next number
+        // may go as soon as its place behind this one is fixed, not when this one has run.
+        let queued = result.and_then(|()| self.queue_forward(req));
+        drop(turn);
+        let result = match queued {
+            Ok(rx) => answer(rx).await,
+            Err(status) => Err(status),
+        };
+        if !hand_off || is_last {
+            return result.map(Response::new);
+        }
+        match result {
+            Ok(mut resp) => {
+                let hidden = std::mem::take(&mut resp.hidden);
+                self.send_hand_off(epoch, order, Ok(hidden)).await?;
+                Ok(Response::new(resp))
+            }
+            Err(status) => {
+                // The next stage waits for this batch: tell it why it will not come.
+                let why = format!("{:?}: {}", status.code(), status.message());
+                if let Err(e) = self.send_hand_off(epoch, order, Err(why)).await {
+                    warn!(epoch, order, "{}", e.message());
+                }
+                Err(status)
+            }
+        }
+    }
+
+    async fn hand_off(
+        &self,
+        request: Request<HandOffRequest>,
+    ) -> Result<Response<HandOffResponse>, Status> {
+        let req = request.into_inner();
+        let got = if req.failed.is_empty() {
+            Ok(req.hidden)
+        } else {
+            Err(req.failed)
+        };
+        let mut mb = lock(&self.shared.mailbox);
+        if mb.epoch != req.epoch {
+            return Err(Status::failed_precondition(format!(
+                "epoch: the hand-off is for epoch {}, this worker is in epoch {}",
+                req.epoch, mb.epoch
+            )));
+        }
+        match mb.slots.remove(&req.order) {
+            // The Forward may have gone (its coordinator call was cancelled); nothing waits then.
+            Some(Slot::Awaited(tx)) => drop(tx.send(got)),
+            Some(Slot::Arrived(earlier)) => {
+                mb.slots.insert(req.order, Slot::Arrived(earlier));
+                return Err(Status::invalid_argument(format!(
+                    "order: batch {} of epoch {} was already handed off",
+                    req.order, req.epoch
+                )));
+            }
+            None => {
+                mb.slots.insert(req.order, Slot::Arrived(got));
+            }
+        }
+        Ok(Response::new(HandOffResponse {}))
     }
 
     async fn release(
@@ -685,9 +903,10 @@ impl EngineThread {
                     seqs,
                     tokens,
                     hidden,
+                    hand_off,
                     reply,
                 } => {
-                    let r = self.forward(epoch, &seqs, &tokens, &hidden);
+                    let r = self.forward(epoch, &seqs, &tokens, &hidden, hand_off);
                     self.publish();
                     let _ = reply.send(r);
                 }
@@ -747,6 +966,7 @@ impl EngineThread {
         seqs: &[SeqInput],
         tokens: &[u32],
         hidden: &[f32],
+        hand_off: bool,
     ) -> Result<ForwardResponse, Status> {
         self.admit(epoch)?;
         let started = Instant::now();
@@ -775,8 +995,11 @@ impl EngineThread {
             ..ForwardResponse::default()
         };
         match out {
-            // Every rank computed the same hidden states; one copy on the wire is enough.
-            Output::Hidden(h) if core.rank == 0 => resp.hidden = Bytes::from(f32s_to_bytes(h)),
+            // Every rank computed the same hidden states: each hands its copy to its own next-stage rank, or
+            // rank 0's goes back to the client.
+            Output::Hidden(h) if hand_off || core.rank == 0 => {
+                resp.hidden = Bytes::from(f32s_to_bytes(h))
+            }
             Output::Hidden(_) => {}
             Output::Logits { data, vocab } => {
                 debug_assert!(core.is_last);

@@ -54,6 +54,8 @@ fn service_options() -> ServiceOptions {
 struct Worker {
     client: WorkerClient<Channel>,
     channel: Channel,
+    /// The gRPC address (`host:port`).
+    addr: String,
     info: DescribeResponse,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -87,6 +89,7 @@ async fn start(dir: &Path, stage: usize, rank: usize, opts: ServiceOptions) -> W
     Worker {
         client,
         channel,
+        addr: addr.to_string(),
         info,
         _stop: stop,
     }
@@ -174,6 +177,7 @@ async fn run_batch(
             tokens: if s == 0 { tokens.clone() } else { Vec::new() },
             hidden: hidden.clone(),
             order: 0,
+            hand_off: false,
         };
         let resps: Vec<ForwardResponse> = forward_stage(ranks, req)
             .await
@@ -388,6 +392,7 @@ async fn epochs_and_malformed_requests() {
         tokens: vec![3, 4],
         hidden: Bytes::new(),
         order: 0,
+        hand_off: false,
     };
 
     let err = first.forward(batch(0)).await.unwrap_err();
@@ -442,6 +447,7 @@ async fn epochs_and_malformed_requests() {
         tokens: Vec::new(),
         hidden: hidden.slice(..7),
         order: 0,
+        hand_off: false,
     };
     let err = last.forward(req.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -505,6 +511,7 @@ async fn release_frees_and_kv_memory_is_resource_exhausted() {
         tokens: vec![7],
         hidden: Bytes::new(),
         order: 0,
+        hand_off: false,
     };
     w.forward(start(1)).await.unwrap();
     w.forward(start(2)).await.unwrap();
@@ -535,18 +542,14 @@ async fn release_frees_and_kv_memory_is_resource_exhausted() {
 }
 
 /// Numbered batches run in their order whatever order they arrive in (a sequence's second batch sent first
-/// waits for its first); a number already taken is refused; a batch whose predecessor never comes fails
-/// UNAVAILABLE after the link timeout and poisons the epoch.
+/// waits for its first); a number already taken is refused; a batch whose predecessor never comes waits
+/// until the group is re-formed and then fails for its epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbered_batches_run_in_their_order() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("shards");
     split_into(&fixtures().join(F32), 1, 1, &dir);
-    let opts = ServiceOptions {
-        link_timeout: Duration::from_millis(500),
-        ..service_options()
-    };
-    let stages = start_all(&dir, opts).await;
+    let stages = start_all(&dir, service_options()).await;
     join_all(&stages, 1).await;
     let w = stages[0][0].client.clone();
     let batch = |order, start_pos, token| ForwardRequest {
@@ -555,6 +558,7 @@ async fn numbered_batches_run_in_their_order() {
         tokens: vec![token],
         hidden: Bytes::new(),
         order,
+        hand_off: false,
     };
     // Batch 2 extends the sequence batch 1 creates: run first, it would find an empty cache.
     let second = {
@@ -564,7 +568,12 @@ async fn numbered_batches_run_in_their_order() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!second.is_finished(), "batch 2 ran before batch 1 arrived");
-    let first = w.clone().forward(batch(1, 0, 7)).await.unwrap().into_inner();
+    let first = w
+        .clone()
+        .forward(batch(1, 0, 7))
+        .await
+        .unwrap()
+        .into_inner();
     let second = second.await.unwrap().unwrap().into_inner();
     assert_eq!((first.n_logit_rows, second.n_logit_rows), (1, 1));
 
@@ -572,18 +581,106 @@ async fn numbered_batches_run_in_their_order() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("already taken"), "{}", err.message());
 
-    // Batch 3 never comes.
-    let err = w.clone().forward(batch(4, 2, 9)).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("never came"), "{}", err.message());
-    let err = w.clone().forward(batch(0, 2, 9)).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-
-    // A new epoch numbers from 1 again.
+    // Batch 3 never comes: batch 4 waits until the group is re-formed, then fails for its epoch.
+    let fourth = {
+        let mut c = w.clone();
+        let req = batch(4, 2, 9);
+        tokio::spawn(async move { c.forward(req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!fourth.is_finished(), "batch 4 ran without batch 3");
     join_all(&stages, 2).await;
+    let err = fourth.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("re-joined"), "{}", err.message());
+
+    // The new epoch numbers from 1 again.
     let mut req = batch(1, 0, 7);
     req.epoch = 2;
     w.clone().forward(req).await.unwrap();
+}
+
+/// With `hand_off`, stage 0 sends its hidden states to stage 1 itself: stage 1 (asked first) waits for them
+/// and returns the same logits as when the client relays them. A batch stage 0 refuses reaches stage 1 as
+/// ABORTED, naming why, and the next batch runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stages_hand_hidden_states_on_themselves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shards");
+    split_into(&fixtures().join(F32), 1, 2, &dir);
+    let stages = start_all(&dir, service_options()).await;
+    let tokens = vec![1u32, 2, 3, 4, 5];
+    join_all(&stages, 1).await;
+    let relayed = run_batch(
+        &stages,
+        1,
+        vec![seq(1, 0, tokens.len(), LogitsMode::All)],
+        tokens.clone(),
+    )
+    .await;
+
+    for (s, ranks) in stages.iter().enumerate() {
+        let mut c = ranks[0].client.clone();
+        c.join_group(JoinGroupRequest {
+            epoch: 2,
+            peers: vec![ranks[0].info.peer_addr.clone()],
+            hand_to: stages
+                .get(s + 1)
+                .map(|next| vec![next[0].addr.clone()])
+                .unwrap_or_default(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let batch = |order, seqs: Vec<SeqInput>, tokens: Vec<u32>| ForwardRequest {
+        epoch: 2,
+        seqs,
+        tokens,
+        hidden: Bytes::new(),
+        order,
+        hand_off: true,
+    };
+    let both = |req: ForwardRequest| {
+        let (mut first, mut last) = (stages[0][0].client.clone(), stages[1][0].client.clone());
+        async move {
+            let mut later = req.clone();
+            later.tokens.clear();
+            let last = tokio::spawn(async move { last.forward(later).await });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let first = first.forward(req).await;
+            (first, last.await.unwrap())
+        }
+    };
+    let (first, last) = both(batch(
+        1,
+        vec![seq(1, 0, tokens.len(), LogitsMode::All)],
+        tokens.clone(),
+    ))
+    .await;
+    assert!(first.unwrap().into_inner().hidden.is_empty());
+    let last = last.unwrap().into_inner();
+    assert_eq!(bytes_to_f32s(&last.logits).unwrap(), relayed);
+
+    // Stage 0 refuses a sequence that does not exist yet at position 9.
+    let (first, last) = both(batch(2, vec![seq(2, 9, 1, LogitsMode::Last)], vec![7])).await;
+    assert_eq!(first.unwrap_err().code(), Code::InvalidArgument);
+    let err = last.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(
+        err.message().contains("previous stage") && err.message().contains("seq_id 2"),
+        "{}",
+        err.message()
+    );
+
+    let (first, last) = both(batch(
+        3,
+        vec![seq(1, tokens.len(), 1, LogitsMode::Last)],
+        vec![6],
+    ))
+    .await;
+    first.unwrap();
+    assert_eq!(last.unwrap().into_inner().n_logit_rows, 1);
 }
 
 /// A batch sent to only one rank of a tp=2 stage: its all-reduce times out, the epoch is poisoned on both
@@ -605,6 +702,7 @@ async fn failed_all_reduce_poisons_the_epoch_until_the_next_join() {
         tokens: vec![1, 2, 3],
         hidden: Bytes::new(),
         order: 0,
+        hand_off: false,
     };
     let mut rank0 = stages[0][0].client.clone();
     let mut rank1 = stages[0][1].client.clone();

@@ -16,18 +16,22 @@
 //!
 //! # Forward
 //!
-//! Each stage numbers its batches within the epoch (`ForwardRequest.order`, 1, 2, …) when a batch reaches it,
-//! and the workers run them in that order: every rank of a stage runs the same batches in the same order,
-//! micro-batches of different scheduler lanes overlap across stages, and a stage's next batch is sent while
-//! the current one still runs, so its workers do not sit idle while an answer travels back, is sampled and
-//! the next request travels out. All ranks of a stage get the same request concurrently; rank 0's hidden states go to the next stage; the last
-//! stage's ranks each return a slice of the vocabulary, placed into full `n_logits × n_vocab` rows.
+//! Every batch gets the epoch's next number (`ForwardRequest.order`, 1, 2, …) and goes to every rank of every
+//! stage at once; the workers run the batches in that order, whatever order they arrive in. So every rank
+//! of a stage runs the same batches in the same order, a stage's next batch is already queued while the
+//! current one runs (its workers do not idle while logits travel back, are sampled and the next request
+//! travels out), and micro-batches of different scheduler lanes overlap across stages. The first stage gets
+//! the token ids; with several stages the workers hand the hidden states on themselves (`hand_off`: rank r
+//! of a stage to rank r of the next, named in JoinGroup's `hand_to`), so they never pass through the
+//! coordinator. The last stage's ranks each return a slice of the vocabulary, placed into full
+//! `n_logits × n_vocab` rows.
 //!
 //! Errors: every rank of a stage answering RESOURCE_EXHAUSTED (KV memory) is `ResourceExhausted`, every rank
 //! answering INVALID_ARGUMENT is `Internal` (the batch was malformed; the workers refuse it before computing
-//! anything, so the epoch stays usable); anything else — another status, a mix, a timeout, a transport
-//! error, an answer of the wrong shape — sets Down and is `Unavailable`, at the first such answer, without
-//! waiting for the stage's other ranks.
+//! anything, so the epoch stays usable); the later stages of a refused batch answer ABORTED and the earliest
+//! refusal is reported once every stage has answered. Anything else — another status, a mix, a timeout, a
+//! transport error, an answer of the wrong shape — sets Down and is `Unavailable`, at the first such answer,
+//! without waiting for the other ranks and stages.
 //!
 //! # Limits
 //!
@@ -147,12 +151,12 @@ pub struct RemotePipeline {
     last_epoch: AtomicU64,
     /// One health probe at a time (they share [`HEALTH_SEQ_ID`]).
     probe: tokio::sync::Mutex<()>,
+    /// `(epoch, order of the last batch numbered)`; see the module doc.
+    order: Mutex<(u64, u64)>,
 }
 
 struct Stage {
     index: usize,
-    /// `(epoch, order of the last batch numbered)`; see the module doc.
-    order: Mutex<(u64, u64)>,
     ranks: Vec<Rank>,
 }
 
@@ -161,21 +165,6 @@ struct Rank {
     rank: usize,
     addr: String,
     client: WorkerClient<Channel>,
-}
-
-impl Stage {
-    /// The `order` of the stage's next batch in `epoch`. Numbers restart at 1 in a newer epoch; a request
-    /// of an older one (it will be refused for its epoch) must not reset the count of the current one.
-    fn next_order(&self, epoch: u64) -> u64 {
-        let mut order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        if epoch > order.0 {
-            *order = (epoch, 0);
-        } else if epoch < order.0 {
-            return u64::MAX;
-        }
-        order.1 += 1;
-        order.1
-    }
 }
 
 impl Rank {
@@ -239,7 +228,6 @@ impl RemotePipeline {
             }
             stages.push(Stage {
                 index: stage,
-                order: Mutex::new((0, 0)),
                 ranks,
             });
         }
@@ -268,6 +256,7 @@ impl RemotePipeline {
             layout: RwLock::new(Arc::new(layout)),
             last_epoch: AtomicU64::new(0),
             probe: tokio::sync::Mutex::new(()),
+            order: Mutex::new((0, 0)),
         });
         tokio::spawn(supervise(Arc::downgrade(&pipeline), rx));
         Ok(pipeline)
@@ -407,6 +396,12 @@ impl RemotePipeline {
                 epoch,
                 peers: peers[r.stage].clone(),
                 nccl_id: nccl_ids[r.stage].clone(),
+                // Every stage has the same number of ranks (the plan's tp).
+                hand_to: self
+                    .stages
+                    .get(r.stage + 1)
+                    .map(|next| vec![next.ranks[r.rank].addr.clone()])
+                    .unwrap_or_default(),
             };
             async move { tokio::time::timeout(timeout, client.join_group(request)).await }
         }))
@@ -472,6 +467,19 @@ impl RemotePipeline {
         }
     }
 
+    /// The `order` of the next batch in `epoch`. Numbers restart at 1 in a newer epoch; a batch of an older
+    /// one (every worker refuses it for its epoch) must not reset the count of the current one.
+    fn next_order(&self, epoch: u64) -> u64 {
+        let mut order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        if epoch > order.0 {
+            *order = (epoch, 0);
+        } else if epoch < order.0 {
+            return u64::MAX;
+        }
+        order.1 += 1;
+        order.1
+    }
+
     async fn run(&self, batch: &StepBatch) -> Result<Vec<f32>, PipelineError> {
         let epoch = match &*self.state.borrow() {
             GroupState::Healthy { epoch } => *epoch,
@@ -497,72 +505,86 @@ impl RemotePipeline {
             .iter()
             .flat_map(|s| s.tokens.iter().copied())
             .collect();
-        let mut hidden = Bytes::new();
         let n_stages = self.stages.len();
-        for stage in &self.stages {
-            let request = ForwardRequest {
-                epoch,
-                seqs: seqs.clone(),
-                tokens: if stage.index == 0 {
-                    tokens.clone()
-                } else {
-                    Vec::new()
-                },
-                hidden: std::mem::take(&mut hidden),
-                order: stage.next_order(epoch),
+        let order = self.next_order(epoch);
+        let mut pending: FuturesUnordered<_> = self
+            .stages
+            .iter()
+            .map(|stage| {
+                let request = ForwardRequest {
+                    epoch,
+                    seqs: seqs.clone(),
+                    tokens: if stage.index == 0 {
+                        tokens.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    hidden: Bytes::new(),
+                    order,
+                    hand_off: n_stages > 1,
+                };
+                async move { (stage, self.forward_stage(epoch, stage, &request).await) }
+            })
+            .collect();
+        let mut logits = None;
+        // A stage that refused the batch (KV memory, malformed) makes the later stages answer ABORTED; the
+        // earliest refusal is the one to report, once every stage has answered (a stage dropped now would
+        // leave its workers' batch order with a gap).
+        let mut refused: Option<(usize, PipelineError)> = None;
+        while let Some((stage, answer)) = pending.next().await {
+            let answers = match answer {
+                Ok(answers) => answers,
+                Err(e @ PipelineError::Unavailable(_)) => return Err(e),
+                Err(e) => {
+                    if refused.as_ref().is_none_or(|(s, _)| stage.index < *s) {
+                        refused = Some((stage.index, e));
+                    }
+                    continue;
+                }
             };
-            let mut answers = self.forward_stage(epoch, stage, &request).await?;
             if stage.index + 1 < n_stages {
-                let want = n_tokens * layout.n_embd * 4;
-                let got = answers[0].hidden.len();
-                if got != want {
-                    let reason = format!(
-                        "{}: Forward returned {got} bytes of hidden states, expected {want} ({n_tokens} tokens × \
-                         n_embd {} × 4)",
-                        stage.ranks[0].name(),
-                        layout.n_embd
-                    );
-                    self.fail(epoch, reason.clone());
-                    return Err(PipelineError::Unavailable(reason));
-                }
-                hidden = std::mem::take(&mut answers[0].hidden);
-            } else {
-                if let Some((r, a)) = stage
-                    .ranks
-                    .iter()
-                    .zip(&answers)
-                    .zip(&layout.vocab)
-                    .find(|((_, a), v)| (a.vocab_start as usize..a.vocab_end as usize) != **v)
-                    .map(|(ra, _)| ra)
-                {
-                    let reason = format!(
-                        "{}: Forward returned logits for vocabulary rows {}..{}, its Describe said {:?}",
-                        r.name(),
-                        a.vocab_start,
-                        a.vocab_end,
-                        layout.vocab[r.rank]
-                    );
-                    self.fail(epoch, reason.clone());
-                    return Err(PipelineError::Unavailable(reason));
-                }
-                let parts: Vec<LogitsPart<'_>> = stage
-                    .ranks
-                    .iter()
-                    .zip(&answers)
-                    .map(|(r, a)| LogitsPart {
-                        worker: &r.addr,
-                        rows: a.n_logit_rows as usize,
-                        vocab: a.vocab_start as usize..a.vocab_end as usize,
-                        bytes: &a.logits,
-                    })
-                    .collect();
-                return assemble_logits(n_logits, layout.info.n_vocab, &parts).map_err(|msg| {
+                continue;
+            }
+            if let Some((r, a)) = stage
+                .ranks
+                .iter()
+                .zip(&answers)
+                .zip(&layout.vocab)
+                .find(|((_, a), v)| (a.vocab_start as usize..a.vocab_end as usize) != **v)
+                .map(|(ra, _)| ra)
+            {
+                let reason = format!(
+                    "{}: Forward returned logits for vocabulary rows {}..{}, its Describe said {:?}",
+                    r.name(),
+                    a.vocab_start,
+                    a.vocab_end,
+                    layout.vocab[r.rank]
+                );
+                self.fail(epoch, reason.clone());
+                return Err(PipelineError::Unavailable(reason));
+            }
+            let parts: Vec<LogitsPart<'_>> = stage
+                .ranks
+                .iter()
+                .zip(&answers)
+                .map(|(r, a)| LogitsPart {
+                    worker: &r.addr,
+                    rows: a.n_logit_rows as usize,
+                    vocab: a.vocab_start as usize..a.vocab_end as usize,
+                    bytes: &a.logits,
+                })
+                .collect();
+            logits = Some(
+                assemble_logits(n_logits, layout.info.n_vocab, &parts).map_err(|msg| {
                     self.fail(epoch, msg.clone());
                     PipelineError::Unavailable(msg)
-                });
-            }
+                })?,
+            );
         }
-        Err(PipelineError::Internal("the pipeline has no stages".into()))
+        if let Some((_, e)) = refused {
+            return Err(e);
+        }
+        logits.ok_or_else(|| PipelineError::Internal("the pipeline has no stages".into()))
     }
 
     /// Sends `request` to every rank of `stage` at once and sorts out the answers (see the module doc for
@@ -603,7 +625,9 @@ impl RemotePipeline {
                 Ok(Err(status))
                     if matches!(
                         status.code(),
-                        tonic::Code::ResourceExhausted | tonic::Code::InvalidArgument
+                        tonic::Code::ResourceExhausted
+                            | tonic::Code::InvalidArgument
+                            | tonic::Code::Aborted
                     ) =>
                 {
                     refused.push((i, status));
@@ -638,6 +662,8 @@ impl RemotePipeline {
                 Err(PipelineError::ResourceExhausted(reason))
             }
             tonic::Code::InvalidArgument if uniform => Err(PipelineError::Internal(reason)),
+            // An earlier stage refused the batch (`run` reports that stage's answer instead).
+            tonic::Code::Aborted if uniform => Err(PipelineError::Internal(reason)),
             _ => {
                 self.fail(epoch, reason.clone());
                 Err(PipelineError::Unavailable(reason))

@@ -65,6 +65,8 @@ async fn decode_latency(p: &dyn Pipeline, prompt: &[u32], steps: &[u32]) -> Resu
             start_pos: start,
             tokens: toks,
             want_logits: true,
+            // What the scheduler asks for a greedy request: the best logit of each rank's slice.
+            top_k: 1,
             context: ctx,
         }],
     };

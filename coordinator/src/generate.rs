@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use tessera_worker::{Batch, Engine, KvCache, Logits};
 use thiserror::Error;
 
-use crate::sampling::{SampledToken, Sampler, SamplingError, SamplingParams, StopMatcher};
+use crate::sampling::{
+    SampledToken, Sampler, SamplingError, SamplingParams, StopMatcher, TopLogits,
+};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(Debug, Error)]
@@ -174,6 +176,17 @@ impl DecodeState {
     /// Chooses the next token from one full-vocabulary logits row.
     pub fn sample(&mut self, logits: &[f32]) -> Result<SampledToken, SamplingError> {
         self.sampler.sample(logits)
+    }
+
+    /// Chooses the next token from a row's best logits ([`Sampler::sample_top`]).
+    pub fn sample_top(&mut self, top: &TopLogits) -> Result<SampledToken, SamplingError> {
+        self.sampler.sample_top(top)
+    }
+
+    /// How many best logits the next token needs instead of the whole row; 0: the whole row
+    /// ([`Sampler::candidates_needed`]).
+    pub fn candidates_needed(&self) -> usize {
+        self.sampler.candidates_needed()
     }
 
     /// Takes the sampled token `id`: decodes its text through the stop strings and says whether generation

@@ -150,10 +150,16 @@ fn cluster_run(
                 start_pos: 0,
                 tokens: prompt.to_vec(),
                 want_logits: true,
+                top_k: 0,
                 context: 512,
             }],
         };
-        let logits = pipeline.forward(&batch).await.expect("forward");
+        let logits = pipeline
+            .forward(&batch)
+            .await
+            .expect("forward")
+            .into_whole()
+            .expect("whole rows");
         pipeline.release(&[1 << 40]).await;
         let sched = Scheduler::start(pipeline.clone(), tok.clone(), SchedulerConfig::default());
         let params = SamplingParams {

@@ -19,8 +19,8 @@ use tessera::generate::{FinishReason, generate};
 use tessera::sampling::SamplingParams;
 use tessera::serve::local::LocalPipeline;
 use tessera::serve::{
-    GenEvent, GenReceiver, GenRequest, Pipeline, PipelineError, PipelineInfo, Scheduler,
-    SchedulerConfig, SchedulerHandle, ServeError, StepBatch, TokenEvent, Usage,
+    BatchLogits, GenEvent, GenReceiver, GenRequest, Pipeline, PipelineError, PipelineInfo,
+    Scheduler, SchedulerConfig, SchedulerHandle, ServeError, StepBatch, TokenEvent, Usage,
 };
 use tessera::tokenizer::Tokenizer;
 use tessera_kernels::cpu::Pool;
@@ -278,7 +278,7 @@ impl Pipeline for Recorder {
     fn forward<'a>(
         &'a self,
         batch: &'a StepBatch,
-    ) -> BoxFuture<'a, Result<Vec<f32>, PipelineError>> {
+    ) -> BoxFuture<'a, Result<BatchLogits, PipelineError>> {
         self.max_seqs.fetch_max(batch.seqs.len(), Ordering::SeqCst);
         let decode = batch
             .seqs
@@ -656,7 +656,7 @@ impl Pipeline for Metered {
     fn forward<'a>(
         &'a self,
         batch: &'a StepBatch,
-    ) -> BoxFuture<'a, Result<Vec<f32>, PipelineError>> {
+    ) -> BoxFuture<'a, Result<BatchLogits, PipelineError>> {
         async move {
             self.permits.acquire().await.unwrap().forget();
             self.calls.fetch_add(1, Ordering::SeqCst);
@@ -811,7 +811,7 @@ impl Pipeline for Flaky {
     fn forward<'a>(
         &'a self,
         batch: &'a StepBatch,
-    ) -> BoxFuture<'a, Result<Vec<f32>, PipelineError>> {
+    ) -> BoxFuture<'a, Result<BatchLogits, PipelineError>> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
         if (self.fail)(call) {
             return futures::future::ready(Err(PipelineError::Unavailable(

@@ -124,6 +124,63 @@ pub fn log_sum_exp(values: &[f32]) -> Option<f64> {
         .then(|| f64::from(m) + sum_exp(values, m, 1.0).ln())
 }
 
+/// A logit as sampling reads it: NaN is impossible (-inf), +inf merely the largest (`f32::MAX`, which keeps
+/// the arithmetic finite). The coordinator's sampler and a last stage's best-logits rows both use it.
+#[inline]
+pub fn sampling_logit(l: f32) -> f32 {
+    match l {
+        l if l.is_nan() => f32::NEG_INFINITY,
+        f32::INFINITY => f32::MAX,
+        l => l,
+    }
+}
+
+/// Descending by logit, ties by ascending id: a total order, so truncation is deterministic.
+pub fn by_logit_desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// The `m` best finite logits as (logit, id), sorted by `by_logit_desc`, in one pass: a heap of the best
+/// so far whose worst entry is the bar to beat. Scanning in id order, an equal logit never beats the bar
+/// (its id is higher), so most of the vocabulary is rejected by one comparison. Ids count from `first_id`
+/// (a vocabulary slice's first row).
+pub fn top_m(work: &[f32], m: usize, first_id: u32) -> Vec<(f32, u32)> {
+    /// Ordered so that the heap's maximum is the worst kept candidate.
+    #[derive(PartialEq)]
+    struct Worst((f32, u32));
+    impl Eq for Worst {}
+    impl PartialOrd for Worst {
+        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for Worst {
+        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+            by_logit_desc(&self.0, &other.0)
+        }
+    }
+    if m == 0 {
+        return Vec::new();
+    }
+    let mut heap = std::collections::BinaryHeap::with_capacity(m + 1);
+    let mut bar = f32::NEG_INFINITY;
+    for (i, &l) in work.iter().enumerate() {
+        if !l.is_finite() || (heap.len() == m && l <= bar) {
+            continue;
+        }
+        heap.push(Worst((l, first_id + i as u32)));
+        if heap.len() > m {
+            heap.pop();
+        }
+        if heap.len() == m {
+            bar = heap.peek().map_or(f32::NEG_INFINITY, |w| w.0.0);
+        }
+    }
+    let mut out: Vec<(f32, u32)> = heap.into_iter().map(|w| w.0).collect();
+    out.sort_unstable_by(by_logit_desc);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tessera_kernels::cpu::Pool;
+use tessera_kernels::softmax_reduce;
 use tessera_proto::worker::v1::worker_client::WorkerClient;
 use tessera_proto::worker::v1::worker_server::{Worker, WorkerServer};
 use tessera_proto::worker::v1::{
@@ -151,6 +152,8 @@ enum Command {
         hidden: Vec<f32>,
         /// Return the hidden states on every rank (each hands its copy on), not only rank 0.
         hand_off: bool,
+        /// Per sequence: 0 for whole logits rows, k for each row's k best logits (`SeqInput.top_k`).
+        top_k: Vec<u32>,
         reply: oneshot::Sender<Result<ForwardResponse, Status>>,
     },
     Release {
@@ -413,12 +416,14 @@ impl WorkerService {
             ))
         })?;
         let (reply, rx) = oneshot::channel();
+        let top_k = req.seqs.iter().map(|q| q.top_k).collect();
         self.shared.send(Command::Forward {
             epoch: req.epoch,
             seqs,
             tokens: req.tokens,
             hidden,
             hand_off: req.hand_off,
+            top_k,
             reply,
         })?;
         Ok(rx)
@@ -904,9 +909,10 @@ impl EngineThread {
                     tokens,
                     hidden,
                     hand_off,
+                    top_k,
                     reply,
                 } => {
-                    let r = self.forward(epoch, &seqs, &tokens, &hidden, hand_off);
+                    let r = self.forward(epoch, &seqs, &tokens, &hidden, hand_off, &top_k);
                     self.publish();
                     let _ = reply.send(r);
                 }
@@ -967,6 +973,7 @@ impl EngineThread {
         tokens: &[u32],
         hidden: &[f32],
         hand_off: bool,
+        top_k: &[u32],
     ) -> Result<ForwardResponse, Status> {
         self.admit(epoch)?;
         let started = Instant::now();
@@ -1003,14 +1010,61 @@ impl EngineThread {
             Output::Hidden(_) => {}
             Output::Logits { data, vocab } => {
                 debug_assert!(core.is_last);
-                resp.n_logit_rows = (data.len() / vocab.len().max(1)) as u32;
                 resp.vocab_start = vocab.start as u32;
                 resp.vocab_end = vocab.end as u32;
-                resp.logits = Bytes::from(f32s_to_bytes(data));
+                if top_k.iter().all(|&k| k == 0) {
+                    resp.n_logit_rows = (data.len() / vocab.len().max(1)) as u32;
+                    resp.logits = Bytes::from(f32s_to_bytes(data));
+                } else {
+                    split_rows(&mut resp, seqs, top_k, data, vocab)?;
+                }
             }
         }
         Ok(resp)
     }
+}
+
+/// Logits rows of a batch with `top_k` sequences: whole slice rows for the others, each row's best logits
+/// and log-sum-exp for them (see `ForwardResponse.top_*`).
+fn split_rows(
+    resp: &mut ForwardResponse,
+    seqs: &[SeqInput],
+    top_k: &[u32],
+    data: &[f32],
+    vocab: std::ops::Range<usize>,
+) -> Result<(), Status> {
+    let width = vocab.len().max(1);
+    let mut rows = data.chunks_exact(width);
+    let mut whole = Vec::new();
+    let mut clean = Vec::with_capacity(width);
+    for (s, &k) in seqs.iter().zip(top_k) {
+        let n = match s.logits {
+            Logits::None => 0,
+            Logits::Last => 1,
+            Logits::All => s.n_tokens,
+        };
+        for _ in 0..n {
+            let row = rows.next().ok_or_else(|| {
+                Status::internal("the engine returned fewer logits rows than the batch asked for")
+            })?;
+            if k == 0 {
+                whole.extend_from_slice(row);
+                resp.n_logit_rows += 1;
+                continue;
+            }
+            // As the coordinator's sampler reads a whole row.
+            clean.clear();
+            clean.extend(row.iter().map(|&l| softmax_reduce::sampling_logit(l)));
+            let best = softmax_reduce::top_m(&clean, k as usize, vocab.start as u32);
+            resp.top_counts.push(best.len() as u32);
+            resp.top_ids.extend(best.iter().map(|b| b.1));
+            resp.top_logits.extend(best.iter().map(|b| b.0));
+            resp.top_lse
+                .push(softmax_reduce::log_sum_exp(&clean).unwrap_or(f64::NEG_INFINITY));
+        }
+    }
+    resp.logits = Bytes::from(f32s_to_bytes(&whole));
+    Ok(())
 }
 
 /// The gRPC status of an engine error, and whether it poisons the epoch (the ranks may have diverged).

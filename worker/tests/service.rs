@@ -159,6 +159,7 @@ fn seq(seq_id: u64, start_pos: usize, n_tokens: usize, logits: LogitsMode) -> Se
         n_tokens: n_tokens as u32,
         logits: logits as i32,
         context: 0,
+        top_k: 0,
     }
 }
 
@@ -681,6 +682,50 @@ async fn stages_hand_hidden_states_on_themselves() {
     .await;
     first.unwrap();
     assert_eq!(last.unwrap().into_inner().n_logit_rows, 1);
+}
+
+/// A sequence with `top_k` gets each logits row as the k best logits of the rank's slice (vocabulary ids) and
+/// the slice's log-sum-exp; the others in the same batch still get whole slice rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_k_rows_are_the_best_of_each_slice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shards");
+    split_into(&fixtures().join(F32), 2, 1, &dir);
+    let stages = start_all(&dir, service_options()).await;
+    join_all(&stages, 1).await;
+    let batch = |ids: [u64; 2], k: u32| ForwardRequest {
+        epoch: 1,
+        seqs: vec![
+            seq(ids[0], 0, 2, LogitsMode::Last),
+            SeqInput {
+                top_k: k,
+                ..seq(ids[1], 0, 3, LogitsMode::All)
+            },
+        ],
+        tokens: vec![5, 6, 7, 8, 9],
+        hidden: Bytes::new(),
+        order: 0,
+        hand_off: false,
+    };
+    let whole = forward_stage(&stages[0], batch([1, 2], 0)).await;
+    let top = forward_stage(&stages[0], batch([3, 4], 4)).await;
+    for (w, t) in whole.into_iter().zip(top) {
+        let (w, t) = (w.unwrap(), t.unwrap());
+        let width = (w.vocab_end - w.vocab_start) as usize;
+        let rows = bytes_to_f32s(&w.logits).unwrap();
+        assert_eq!((w.n_logit_rows, t.n_logit_rows), (4, 1));
+        assert_eq!(bytes_to_f32s(&t.logits).unwrap(), rows[..width]);
+        assert_eq!(t.top_counts, vec![4, 4, 4]);
+        for (i, row) in rows.chunks_exact(width).skip(1).enumerate() {
+            let best = tessera_kernels::softmax_reduce::top_m(row, 4, w.vocab_start);
+            let got: Vec<(f32, u32)> = (4 * i..4 * i + 4)
+                .map(|j| (t.top_logits[j], t.top_ids[j]))
+                .collect();
+            assert_eq!(got, best);
+            let lse = tessera_kernels::softmax_reduce::log_sum_exp(row).unwrap();
+            assert_eq!(t.top_lse[i], lse);
+        }
+    }
 }
 
 /// A batch sent to only one rank of a tp=2 stage: its all-reduce times out, the epoch is poisoned on both

@@ -15,7 +15,7 @@ mod stop;
 use serde::{Deserialize, Serialize};
 
 pub use rng::Rng;
-pub use sampler::{SampledToken, Sampler};
+pub use sampler::{MAX_CANDIDATES, SampledToken, Sampler, TopLogits};
 pub use stop::{StopMatcher, StopOutput};
 
 /// Most alternatives a request may ask log-probabilities for (OpenAI's `top_logprobs` limit).
@@ -94,6 +94,10 @@ pub enum SamplingError {
     LogitsLength { got: usize, expected: usize },
     #[error("logits have no finite entry")]
     NoFiniteLogits,
+    #[error(
+        "the pipeline sent the best logits of a row, but this sequence's sampling needs the whole row"
+    )]
+    NeedsWholeRow,
 }
 
 fn out_of_range(

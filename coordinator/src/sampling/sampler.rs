@@ -1,10 +1,9 @@
 //! The token sampler: full-vocabulary logits in, one token (with log-probabilities) out.
 
-use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 
 use super::{Rng, SamplingError, SamplingParams};
-use tessera_kernels::softmax_reduce;
+use tessera_kernels::softmax_reduce::{self, by_logit_desc, top_m};
 
 /// One chosen token.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,6 +18,21 @@ pub struct SampledToken {
     /// The `logprobs` most likely tokens under the same distribution, most likely first (ties: lower id
     /// first); empty unless the request asked for log-probabilities.
     pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Most best logits a sequence takes instead of its whole row (see [`Sampler::candidates_needed`]).
+pub const MAX_CANDIDATES: usize = 64;
+
+/// The best entries of one logits row and the log-sum-exp of the whole row: all that greedy and top-k
+/// sampling and their log-probabilities need, a few hundred bytes instead of the vocabulary (a cluster's last
+/// stage sends these per vocabulary slice; see `serve::remote`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TopLogits {
+    /// (logit, token id), sorted by [`by_logit_desc`], each read by
+    /// [`softmax_reduce::sampling_logit`] as [`Sampler::sample`] reads the whole row.
+    pub best: Vec<(f32, u32)>,
+    /// ln Σ e^logit over the whole row (-inf when no logit is finite).
+    pub lse: f64,
 }
 
 /// Samples the tokens of one sequence. Keeps the counts the penalties need; call [`Sampler::observe`] with the
@@ -38,11 +52,6 @@ pub struct Sampler {
     cand: Vec<(f32, u32)>,
     /// Per-candidate scratch (logits, then weights).
     weights: Vec<f32>,
-}
-
-/// Descending by logit, ties by ascending id: a total order, so truncation is deterministic.
-fn by_logit_desc(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
-    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
 impl Sampler {
@@ -87,12 +96,8 @@ impl Sampler {
             });
         }
         self.work.clear();
-        // NaN is impossible, +inf merely the largest (keeps the arithmetic below finite).
-        self.work.extend(logits.iter().map(|&l| match l {
-            l if l.is_nan() => f32::NEG_INFINITY,
-            f32::INFINITY => f32::MAX,
-            l => l,
-        }));
+        self.work
+            .extend(logits.iter().map(|&l| softmax_reduce::sampling_logit(l)));
         self.apply_penalties();
         for &(token, bias) in &self.params.logit_bias {
             self.work[token as usize] += bias;
@@ -106,7 +111,7 @@ impl Sampler {
         };
         let logprob = (f64::from(self.work[id as usize]) - lse) as f32;
         let top_logprobs = match self.params.logprobs {
-            Some(n) if n > 0 => top_m(&self.work, n)
+            Some(n) if n > 0 => top_m(&self.work, n, 0)
                 .into_iter()
                 .map(|(l, t)| (t, (f64::from(l) - lse) as f32))
                 .collect(),
@@ -116,6 +121,66 @@ impl Sampler {
         Ok(SampledToken {
             id,
             logprob,
+            top_logprobs,
+        })
+    }
+
+    /// How many best logits of a row this sequence's next token needs when a pipeline sends those instead
+    /// of the whole row ([`Sampler::sample_top`]); 0 when it needs the whole row: penalties and logit bias
+    /// move logits outside any best set, and top-p, min-p or temperature without top-k draw from the whole
+    /// vocabulary.
+    pub fn candidates_needed(&self) -> usize {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0
+            || p.frequency_penalty != 0.0
+            || p.presence_penalty != 0.0
+            || !p.logit_bias.is_empty()
+        {
+            return 0;
+        }
+        let k = match (p.temperature == 0.0, p.top_k) {
+            (true, _) => 1,
+            (false, 0) => return 0,
+            (false, k) => k,
+        };
+        let k = k.max(p.logprobs.unwrap_or(0)).min(self.vocab_size);
+        if k > MAX_CANDIDATES { 0 } else { k }
+    }
+
+    /// [`Sampler::sample`] from a row's best logits (at least [`Sampler::candidates_needed`] of them, or
+    /// every finite one): the same token as from the whole row, and the same log-probabilities up to the
+    /// rounding of the log-sum-exp.
+    pub fn sample_top(&mut self, top: &TopLogits) -> Result<SampledToken, SamplingError> {
+        if self.candidates_needed() == 0 {
+            return Err(SamplingError::NeedsWholeRow);
+        }
+        let lse = top.lse;
+        let Some(&best) = top.best.first().filter(|_| lse.is_finite()) else {
+            return Err(SamplingError::NoFiniteLogits);
+        };
+        let (logit, id) = if self.params.temperature == 0.0 {
+            best
+        } else {
+            self.cand.clear();
+            self.cand
+                .extend(top.best.iter().take(self.params.top_k).copied());
+            let id = self.truncate_and_draw(true, lse);
+            let logit = top.best.iter().find(|c| c.1 == id).map_or(best.0, |c| c.0);
+            (logit, id)
+        };
+        let top_logprobs = match self.params.logprobs {
+            Some(n) if n > 0 => top
+                .best
+                .iter()
+                .take(n)
+                .map(|&(l, t)| (t, (f64::from(l) - lse) as f32))
+                .collect(),
+            _ => Vec::new(),
+        };
+        *self.generated.entry(id).or_insert(0) += 1;
+        Ok(SampledToken {
+            id,
+            logprob: (f64::from(logit) - lse) as f32,
             top_logprobs,
         })
     }
@@ -145,19 +210,13 @@ impl Sampler {
         self.work.iter().position(|&l| l == max).unwrap_or(0) as u32
     }
 
-    /// top-k → top-p → min-p → temperature → a draw.
+    /// top-k, then [`Sampler::truncate_and_draw`].
     fn draw(&mut self, lse: f64) -> u32 {
-        let SamplingParams {
-            top_k,
-            top_p,
-            min_p,
-            temperature,
-            ..
-        } = self.params;
+        let top_k = self.params.top_k;
         // Candidates: the top k, sorted by `by_logit_desc`; or every finite logit, in id order.
         let sorted = top_k > 0;
         if sorted {
-            self.cand = top_m(&self.work, top_k);
+            self.cand = top_m(&self.work, top_k, 0);
         } else {
             self.cand.clear();
             self.cand.extend(
@@ -168,6 +227,18 @@ impl Sampler {
                     .map(|(i, &l)| (l, i as u32)),
             );
         }
+        self.truncate_and_draw(sorted, lse)
+    }
+
+    /// top-p → min-p → temperature → a draw, over the candidates in `self.cand` (`sorted` by
+    /// `by_logit_desc`, or every finite logit in id order).
+    fn truncate_and_draw(&mut self, sorted: bool, lse: f64) -> u32 {
+        let SamplingParams {
+            top_p,
+            min_p,
+            temperature,
+            ..
+        } = self.params;
         if top_p < 1.0 {
             self.top_p(f64::from(top_p), sorted, lse);
         }
@@ -220,7 +291,7 @@ impl Sampler {
         let n = self.cand.len();
         let mut m = n.min(256);
         while m < n / 4 {
-            let best = top_m(&self.work, m);
+            let best = top_m(&self.work, m, 0);
             if let Some(keep) = prefix_reaching(&best, top_p, lse_all) {
                 self.cand = best;
                 self.cand.truncate(keep);
@@ -245,46 +316,6 @@ fn prefix_reaching(sorted: &[(f32, u32)], target: f64, lse: f64) -> Option<usize
         }
     }
     None
-}
-
-/// The `m` best finite logits as (logit, id), sorted by `by_logit_desc`, in one pass: a heap of the best
-/// so far whose worst entry is the bar to beat. Scanning in id order, an equal logit never beats the bar
-/// (its id is higher), so most of the vocabulary is rejected by one comparison.
-fn top_m(work: &[f32], m: usize) -> Vec<(f32, u32)> {
-    /// Ordered so that the heap's maximum is the worst kept candidate.
-    #[derive(PartialEq)]
-    struct Worst((f32, u32));
-    impl Eq for Worst {}
-    impl PartialOrd for Worst {
-        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-            Some(self.cmp(other))
-        }
-    }
-    impl Ord for Worst {
-        fn cmp(&self, other: &Self) -> Ordering {
-            by_logit_desc(&self.0, &other.0)
-        }
-    }
-    if m == 0 {
-        return Vec::new();
-    }
-    let mut heap = std::collections::BinaryHeap::with_capacity(m + 1);
-    let mut bar = f32::NEG_INFINITY;
-    for (i, &l) in work.iter().enumerate() {
-        if !l.is_finite() || (heap.len() == m && l <= bar) {
-            continue;
-        }
-        heap.push(Worst((l, i as u32)));
-        if heap.len() > m {
-            heap.pop();
-        }
-        if heap.len() == m {
-            bar = heap.peek().map_or(f32::NEG_INFINITY, |w| w.0.0);
-        }
-    }
-    let mut out: Vec<(f32, u32)> = heap.into_iter().map(|w| w.0).collect();
-    out.sort_unstable_by(by_logit_desc);
-    out
 }
 
 #[cfg(test)]
@@ -514,6 +545,128 @@ mod tests {
             assert!((f64::from(*lp) - (expected[*t as usize] - lse)).abs() < 1e-6);
         }
         assert_eq!(s.generated[&0], 1, "the chosen token is counted");
+    }
+
+    /// What a cluster's last stage sends for a row: its k best logits and log-sum-exp.
+    fn top_of(row: &[f32], k: usize) -> TopLogits {
+        TopLogits {
+            best: top_m(row, k, 0),
+            lse: softmax_reduce::log_sum_exp(row).unwrap(),
+        }
+    }
+
+    /// Greedy and top-k sampling from a row's best logits give the tokens the whole row gives (same seed,
+    /// same draws) and the same log-probabilities up to rounding, over many steps of one sequence.
+    #[test]
+    fn best_logits_sample_like_the_whole_row() {
+        let mut rng = Rng::from_seed(5);
+        let rows: Vec<Vec<f32>> = (0..200)
+            .map(|_| {
+                (0..3000)
+                    .map(|i| {
+                        // Ties among the best, and one NaN and one +inf now and then.
+                        let x = ((rng.next_f64() * 12.0).floor() / 2.0) as f32;
+                        match (i, rng.next_u64() % 50) {
+                            (7, 0) => f32::NAN,
+                            (9, 1) => f32::INFINITY,
+                            _ => x,
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let cases = [
+            SamplingParams {
+                logprobs: Some(5),
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 0.9,
+                min_p: 0.05,
+                logprobs: Some(3),
+                seed: Some(11),
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.3,
+                top_k: 64,
+                seed: Some(12),
+                ..Default::default()
+            },
+        ];
+        for params in cases {
+            let mut whole = sampler(params.clone(), 3000);
+            let mut best = sampler(params.clone(), 3000);
+            let k = best.candidates_needed();
+            assert!(k > 0, "{params:?}");
+            for row in &rows {
+                let clean: Vec<f32> = row
+                    .iter()
+                    .map(|&l| softmax_reduce::sampling_logit(l))
+                    .collect();
+                let want = whole.sample(row).unwrap();
+                let got = best.sample_top(&top_of(&clean, k)).unwrap();
+                assert_eq!(got.id, want.id, "{params:?}");
+                assert!(
+                    (got.logprob - want.logprob).abs() < 1e-5,
+                    "{got:?} {want:?}"
+                );
+                assert_eq!(got.top_logprobs.len(), want.top_logprobs.len());
+                for (g, w) in got.top_logprobs.iter().zip(&want.top_logprobs) {
+                    assert_eq!(g.0, w.0);
+                    assert!((g.1 - w.1).abs() < 1e-5, "{got:?} {want:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn whole_rows_when_the_sampling_needs_them() {
+        let needed = |params: SamplingParams| sampler(params, 1000).candidates_needed();
+        let greedy = SamplingParams::greedy();
+        assert_eq!(needed(greedy.clone()), 1);
+        assert_eq!(
+            needed(SamplingParams {
+                logprobs: Some(20),
+                ..greedy.clone()
+            }),
+            20
+        );
+        let top_k = |k| SamplingParams {
+            temperature: 0.7,
+            top_k: k,
+            ..Default::default()
+        };
+        assert_eq!(needed(top_k(40)), 40);
+        assert_eq!(needed(top_k(MAX_CANDIDATES + 1)), 0);
+        // Temperature over the whole vocabulary, penalties and bias: the whole row.
+        assert_eq!(needed(top_k(0)), 0);
+        for params in [
+            SamplingParams {
+                repetition_penalty: 1.1,
+                ..greedy.clone()
+            },
+            SamplingParams {
+                presence_penalty: 0.5,
+                ..greedy.clone()
+            },
+            SamplingParams {
+                frequency_penalty: 0.5,
+                ..greedy.clone()
+            },
+            SamplingParams {
+                logit_bias: vec![(3, 1.0)],
+                ..greedy.clone()
+            },
+        ] {
+            assert_eq!(needed(params.clone()), 0, "{params:?}");
+            let err = sampler(params, 1000)
+                .sample_top(&top_of(&[0.0; 1000], 1))
+                .unwrap_err();
+            assert_eq!(err, SamplingError::NeedsWholeRow);
+        }
     }
 
     #[test]

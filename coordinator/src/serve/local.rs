@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::pipeline::HEALTH_SEQ_ID;
-use super::{Pipeline, PipelineError, PipelineInfo, ServedModel, StepBatch};
+use super::{BatchLogits, Pipeline, PipelineError, PipelineInfo, ServedModel, StepBatch};
 use crate::chat::{ChatError, ChatTemplate};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -326,15 +326,18 @@ impl Pipeline for LocalPipeline {
     fn forward<'a>(
         &'a self,
         batch: &'a StepBatch,
-    ) -> BoxFuture<'a, Result<Vec<f32>, PipelineError>> {
+    ) -> BoxFuture<'a, Result<BatchLogits, PipelineError>> {
         let (reply, rx) = oneshot::channel();
         let sent = self.send(Command::Forward {
             batch: batch.clone(),
             reply,
         });
+        let n_vocab = self.info.n_vocab;
+        // In one process the whole rows cost nothing to pass: `top_k` is not needed.
         async move {
             sent?;
-            rx.await.map_err(|_| stopped())?
+            let rows = rx.await.map_err(|_| stopped())??;
+            Ok(BatchLogits::whole(n_vocab, rows))
         }
         .boxed()
     }

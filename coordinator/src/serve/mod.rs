@@ -1,7 +1,7 @@
 //! Serving many requests at once: the continuous-batching scheduler and the pipelines it drives.
 //!
-//! - [`pipeline`]: the [`Pipeline`] trait — run one batch through every stage and return full-vocabulary
-//!   logits rows — with [`local::LocalPipeline`] (an in-process engine: `tessera serve MODEL`, and tests) and
+//! - [`pipeline`]: the [`Pipeline`] trait — run one batch through every stage and return its logits rows
+//!   (whole, or a row's best logits where the sampler needs no more) — with [`local::LocalPipeline`] (an in-process engine: `tessera serve MODEL`, and tests) and
 //!   [`remote::RemotePipeline`] (worker processes over gRPC: the cluster).
 //! - [`scheduler`]: admits requests, batches prefill chunks with decode steps, runs micro-batches through the
 //!   pipeline concurrently, samples, and streams [`GenEvent`]s back.
@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 use crate::generate::FinishReason;
 use crate::sampling::SamplingParams;
 
-pub use pipeline::{Pipeline, PipelineError, PipelineInfo, SeqStep, StepBatch};
+pub use pipeline::{
+    BatchLogits, LogitsRow, Pipeline, PipelineError, PipelineInfo, SeqStep, StepBatch,
+};
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerHandle, SchedulerStats};
 
 /// One generation request, already tokenized and validated by the front end.

@@ -1,4 +1,5 @@
-//! A pipeline runs one batch through every stage of the model and returns full-vocabulary logits rows.
+//! A pipeline runs one batch through every stage of the model and returns its logits rows ([`BatchLogits`]):
+//! whole vocabulary rows, or for sequences that allow it ([`SeqStep::top_k`]) a row's best logits.
 //!
 //! The scheduler calls [`Pipeline::forward`] from several micro-batch tasks at once; an implementation with
 //! several stages lets them overlap (stage 1 runs micro-batch A while stage 0 runs B), and must run the
@@ -6,6 +7,8 @@
 
 use futures::future::BoxFuture;
 use thiserror::Error;
+
+pub use crate::sampling::TopLogits;
 
 /// The sequence id of [`Pipeline::health`] probes. Schedulers number their sequences from 1 up and never
 /// reach it.
@@ -35,6 +38,10 @@ pub struct SeqStep {
     pub tokens: Vec<u32>,
     /// Return the logits of the last token.
     pub want_logits: bool,
+    /// With `want_logits`: 0 for the whole vocabulary row; k > 0 lets the pipeline return the row's k best
+    /// logits and its log-sum-exp instead ([`TopLogits`]; enough when the sequence's sampler says so, see
+    /// `Sampler::candidates_needed`).
+    pub top_k: usize,
     /// KV cache size to allocate for a new sequence (prompt + most tokens it may generate).
     pub context: usize,
 }
@@ -51,6 +58,114 @@ impl StepBatch {
 
     pub fn n_logits(&self) -> usize {
         self.seqs.iter().filter(|s| s.want_logits).count()
+    }
+}
+
+/// A batch's logits: one row per sequence with `want_logits`, in batch order, each the whole vocabulary or
+/// (for a sequence with `top_k`) its best logits.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BatchLogits {
+    n_vocab: usize,
+    /// The whole rows, `n_vocab` each, in the order of `rows`.
+    whole: Vec<f32>,
+    rows: Vec<Row>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Row {
+    /// Index into the whole rows.
+    Whole(usize),
+    Top(TopLogits),
+}
+
+/// One row of a [`BatchLogits`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LogitsRow<'a> {
+    Whole(&'a [f32]),
+    Top(&'a TopLogits),
+}
+
+impl BatchLogits {
+    /// No rows yet, over a vocabulary of `n_vocab`.
+    pub fn new(n_vocab: usize) -> BatchLogits {
+        BatchLogits {
+            n_vocab,
+            ..BatchLogits::default()
+        }
+    }
+
+    /// Every row whole: `data` holds `data.len() / n_vocab` rows.
+    pub fn whole(n_vocab: usize, data: Vec<f32>) -> BatchLogits {
+        let n = data.len().checked_div(n_vocab).unwrap_or(0);
+        BatchLogits {
+            n_vocab,
+            whole: data,
+            rows: (0..n).map(Row::Whole).collect(),
+        }
+    }
+
+    /// Rows in order: `None` takes the next whole row of `whole` (`n_vocab` values each), `Some` is a row's
+    /// best logits. `None`s beyond the rows `whole` holds are dropped.
+    pub fn from_rows(n_vocab: usize, whole: Vec<f32>, rows: Vec<Option<TopLogits>>) -> BatchLogits {
+        let n_whole = whole.len().checked_div(n_vocab).unwrap_or(0);
+        let mut next = 0;
+        let rows = rows
+            .into_iter()
+            .filter_map(|r| match r {
+                Some(top) => Some(Row::Top(top)),
+                None if next < n_whole => {
+                    next += 1;
+                    Some(Row::Whole(next - 1))
+                }
+                None => None,
+            })
+            .collect();
+        BatchLogits {
+            n_vocab,
+            whole,
+            rows,
+        }
+    }
+
+    /// Appends a whole row (`n_vocab` values).
+    pub fn push_whole(&mut self, row: &[f32]) {
+        debug_assert_eq!(row.len(), self.n_vocab);
+        self.rows
+            .push(Row::Whole(self.whole.len() / self.n_vocab.max(1)));
+        self.whole.extend_from_slice(row);
+    }
+
+    pub fn push_top(&mut self, top: TopLogits) {
+        self.rows.push(Row::Top(top));
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn row(&self, i: usize) -> Option<LogitsRow<'_>> {
+        Some(match self.rows.get(i)? {
+            Row::Whole(w) => {
+                LogitsRow::Whole(&self.whole[w * self.n_vocab..(w + 1) * self.n_vocab])
+            }
+            Row::Top(top) => LogitsRow::Top(top),
+        })
+    }
+
+    /// The rows concatenated (`len() × n_vocab`), when every row is whole.
+    pub fn into_whole(self) -> Option<Vec<f32>> {
+        self.rows
+            .iter()
+            .all(|r| matches!(r, Row::Whole(_)))
+            .then_some(self.whole)
     }
 }
 
@@ -71,12 +186,12 @@ pub enum PipelineError {
 pub trait Pipeline: Send + Sync + 'static {
     fn info(&self) -> PipelineInfo;
 
-    /// Runs `batch` through every stage. Returns `n_vocab` logits for each sequence with `want_logits`, in
-    /// batch order, concatenated (`n_logits × n_vocab`).
+    /// Runs `batch` through every stage. Returns a logits row for each sequence with `want_logits`, in batch
+    /// order: the whole vocabulary, or for a sequence with `top_k` possibly its best logits.
     fn forward<'a>(
         &'a self,
         batch: &'a StepBatch,
-    ) -> BoxFuture<'a, Result<Vec<f32>, PipelineError>>;
+    ) -> BoxFuture<'a, Result<BatchLogits, PipelineError>>;
 
     /// Frees the KV caches of finished sequences (best effort: errors are logged, not returned).
     fn release<'a>(&'a self, seq_ids: &'a [u64]) -> BoxFuture<'a, ()>;

@@ -24,7 +24,8 @@
 //! the token ids; with several stages the workers hand the hidden states on themselves (`hand_off`: rank r
 //! of a stage to rank r of the next, named in JoinGroup's `hand_to`), so they never pass through the
 //! coordinator. The last stage's ranks each return a slice of the vocabulary, placed into full
-//! `n_logits × n_vocab` rows.
+//! `n_logits × n_vocab` rows, or for a sequence with `top_k` the best logits of their slice and its
+//! log-sum-exp, merged into the row's best (see `merge_top`).
 //!
 //! Errors: every rank of a stage answering RESOURCE_EXHAUSTED (KV memory) is `ResourceExhausted`, every rank
 //! answering INVALID_ARGUMENT is `Internal` (the batch was malformed; the workers refuse it before computing
@@ -64,7 +65,9 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use super::pipeline::HEALTH_SEQ_ID;
-use super::{Pipeline, PipelineError, PipelineInfo, SeqStep, StepBatch};
+use super::pipeline::TopLogits;
+use super::{BatchLogits, LogitsRow, Pipeline, PipelineError, PipelineInfo, SeqStep, StepBatch};
+use tessera_kernels::softmax_reduce;
 
 /// Largest gRPC message either way: a batch's hidden states or logits rows exceed tonic's 4 MiB default by
 /// far (64 rows of a 128k vocabulary are 32 MiB).
@@ -480,7 +483,7 @@ impl RemotePipeline {
         order.1
     }
 
-    async fn run(&self, batch: &StepBatch) -> Result<Vec<f32>, PipelineError> {
+    async fn run(&self, batch: &StepBatch) -> Result<BatchLogits, PipelineError> {
         let epoch = match &*self.state.borrow() {
             GroupState::Healthy { epoch } => *epoch,
             GroupState::Down(reason) => {
@@ -572,14 +575,28 @@ impl RemotePipeline {
                     rows: a.n_logit_rows as usize,
                     vocab: a.vocab_start as usize..a.vocab_end as usize,
                     bytes: &a.logits,
+                    top: TopPart {
+                        counts: &a.top_counts,
+                        ids: &a.top_ids,
+                        logits: &a.top_logits,
+                        lse: &a.top_lse,
+                    },
                 })
                 .collect();
-            logits = Some(
-                assemble_logits(n_logits, layout.info.n_vocab, &parts).map_err(|msg| {
-                    self.fail(epoch, msg.clone());
-                    PipelineError::Unavailable(msg)
-                })?,
-            );
+            let n_vocab = layout.info.n_vocab;
+            let wanted = batch.seqs.iter().filter(|s| s.want_logits);
+            let ks: Vec<usize> = wanted.clone().map(|s| s.top_k).filter(|&k| k > 0).collect();
+            let assembled = assemble_logits(n_logits - ks.len(), n_vocab, &parts)
+                .and_then(|whole| Ok((whole, merge_top(&ks, &parts)?)));
+            let (whole, tops) = assembled.map_err(|msg| {
+                self.fail(epoch, msg.clone());
+                PipelineError::Unavailable(msg)
+            })?;
+            let mut tops = tops.into_iter();
+            let rows = wanted
+                .map(|s| if s.top_k > 0 { tops.next() } else { None })
+                .collect();
+            logits = Some(BatchLogits::from_rows(n_vocab, whole, rows));
         }
         if let Some((_, e)) = refused {
             return Err(e);
@@ -709,12 +726,15 @@ impl RemotePipeline {
                 start_pos: 0,
                 tokens: vec![0],
                 want_logits: true,
+                top_k: 0,
                 context: 1,
             }],
         };
         let result = self.run(&batch).await;
         self.release_in(epoch, &[HEALTH_SEQ_ID]).await;
-        if result?.iter().any(|l| l.is_finite()) {
+        let logits = result?;
+        if matches!(logits.row(0), Some(LogitsRow::Whole(row)) if row.iter().any(|l| l.is_finite()))
+        {
             Ok(())
         } else {
             Err(PipelineError::Internal(
@@ -744,6 +764,11 @@ fn seq_input(s: &SeqStep) -> Result<SeqInput, PipelineError> {
             LogitsMode::None as i32
         },
         context: u32_of("context", s.context)?,
+        top_k: if s.want_logits {
+            u32_of("top_k", s.top_k)?
+        } else {
+            0
+        },
     })
 }
 
@@ -955,6 +980,81 @@ struct LogitsPart<'a> {
     rows: usize,
     vocab: Range<usize>,
     bytes: &'a [u8],
+    top: TopPart<'a>,
+}
+
+/// A last-stage rank's best logits of the rows that asked for them (`ForwardResponse.top_*`).
+#[derive(Debug, Clone, Default)]
+struct TopPart<'a> {
+    counts: &'a [u32],
+    ids: &'a [u32],
+    logits: &'a [f32],
+    lse: &'a [f64],
+}
+
+/// Each row's best logits over the whole vocabulary from every rank's best of its slice: the `ks[i]` best of
+/// their union (so the same set and order as the best of the whole row) and the log-sum-exp of the ranks'
+/// log-sum-exps.
+fn merge_top(ks: &[usize], parts: &[LogitsPart<'_>]) -> Result<Vec<TopLogits>, String> {
+    let mut rows: Vec<TopLogits> = ks
+        .iter()
+        .map(|&k| TopLogits {
+            best: Vec::with_capacity(k * parts.len()),
+            lse: f64::NEG_INFINITY,
+        })
+        .collect();
+    let mut lses: Vec<Vec<f64>> = vec![Vec::with_capacity(parts.len()); ks.len()];
+    for p in parts {
+        let t = &p.top;
+        let total: usize = t.counts.iter().map(|&c| c as usize).sum();
+        if t.counts.len() != ks.len()
+            || t.lse.len() != ks.len()
+            || t.ids.len() != total
+            || t.logits.len() != total
+        {
+            return Err(format!(
+                "worker {}: Forward returned best logits for {} rows ({} log-sum-exps, {} ids, {} logits for {total} \
+                 entries), expected {} rows",
+                p.worker,
+                t.counts.len(),
+                t.lse.len(),
+                t.ids.len(),
+                t.logits.len(),
+                ks.len()
+            ));
+        }
+        let mut at = 0;
+        for (i, &count) in t.counts.iter().enumerate() {
+            let count = count as usize;
+            if count > ks[i] {
+                return Err(format!(
+                    "worker {}: Forward returned {count} best logits for a row that asked for {}",
+                    p.worker, ks[i]
+                ));
+            }
+            for j in at..at + count {
+                let id = t.ids[j];
+                if !p.vocab.contains(&(id as usize)) {
+                    return Err(format!(
+                        "worker {}: Forward returned token {id} among the best logits of its vocabulary rows {:?}",
+                        p.worker, p.vocab
+                    ));
+                }
+                rows[i].best.push((t.logits[j], id));
+            }
+            at += count;
+            lses[i].push(t.lse[i]);
+        }
+    }
+    for ((row, &k), lse) in rows.iter_mut().zip(ks).zip(lses) {
+        row.best.sort_unstable_by(softmax_reduce::by_logit_desc);
+        row.best.truncate(k);
+        let m = lse.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if m.is_finite() {
+            row.lse = m + lse.iter().map(|l| (l - m).exp()).sum::<f64>().ln();
+        }
+    }
+    Ok(rows)
 }
 
 /// Places every rank's slice into full `n_rows × n_vocab` rows. The slices must tile the vocabulary.
@@ -1076,7 +1176,7 @@ impl Pipeline for RemotePipeline {
     fn forward<'a>(
         &'a self,
         batch: &'a StepBatch,
-    ) -> BoxFuture<'a, Result<Vec<f32>, PipelineError>> {
+    ) -> BoxFuture<'a, Result<BatchLogits, PipelineError>> {
         self.run(batch).boxed()
     }
 
@@ -1335,6 +1435,80 @@ mod tests {
         tessera_proto::f32s_to_bytes(values)
     }
 
+    /// Each rank's best of its slice, merged: the best of the whole row, and its log-sum-exp.
+    #[test]
+    fn best_logits_of_slices_merge_into_the_best_of_the_row() {
+        let rows: Vec<Vec<f32>> = (0..3)
+            .map(|r| {
+                (0..1000)
+                    .map(|i| (((i * 7919 + r * 104_729) % 997) / 10) as f32 * 0.25)
+                    .collect()
+            })
+            .collect();
+        let ks = [1usize, 5, 64];
+        let slices = [0..300, 300..650, 650..1000];
+        struct Owned {
+            counts: Vec<u32>,
+            ids: Vec<u32>,
+            logits: Vec<f32>,
+            lse: Vec<f64>,
+        }
+        let owned: Vec<Owned> = slices
+            .iter()
+            .map(|v| {
+                let mut o = Owned {
+                    counts: vec![],
+                    ids: vec![],
+                    logits: vec![],
+                    lse: vec![],
+                };
+                for (row, &k) in rows.iter().zip(&ks) {
+                    let best = softmax_reduce::top_m(&row[v.clone()], k, v.start as u32);
+                    o.counts.push(best.len() as u32);
+                    o.ids.extend(best.iter().map(|b| b.1));
+                    o.logits.extend(best.iter().map(|b| b.0));
+                    o.lse
+                        .push(softmax_reduce::log_sum_exp(&row[v.clone()]).unwrap());
+                }
+                o
+            })
+            .collect();
+        let parts: Vec<LogitsPart<'_>> = owned
+            .iter()
+            .zip(&slices)
+            .map(|(o, v)| LogitsPart {
+                worker: "w:1",
+                rows: 0,
+                vocab: v.clone(),
+                bytes: &[],
+                top: TopPart {
+                    counts: &o.counts,
+                    ids: &o.ids,
+                    logits: &o.logits,
+                    lse: &o.lse,
+                },
+            })
+            .collect();
+        let merged = merge_top(&ks, &parts).unwrap();
+        for ((row, &k), got) in rows.iter().zip(&ks).zip(&merged) {
+            assert_eq!(got.best, softmax_reduce::top_m(row, k, 0));
+            // Both sums add e^x in f32 lanes (relative rounding ~1e-7), split at different places.
+            let want = softmax_reduce::log_sum_exp(row).unwrap();
+            assert!((got.lse - want).abs() < 1e-6, "{} vs {want}", got.lse);
+        }
+
+        // A token outside the rank's slice, or more entries than asked for, is an error naming the worker.
+        let mut bad = parts.clone();
+        bad[0].vocab = 0..10;
+        let err = merge_top(&ks, &bad).unwrap_err();
+        assert!(
+            err.contains("w:1") && err.contains("among the best"),
+            "{err}"
+        );
+        let err = merge_top(&[1, 1, 1], &parts).unwrap_err();
+        assert!(err.contains("asked for 1"), "{err}");
+    }
+
     #[test]
     fn logits_slices_are_placed_into_full_rows() {
         // Two rows of a 5-token vocabulary, split 0..2 and 2..5, answered out of order.
@@ -1345,6 +1519,7 @@ mod tests {
             rows: 2,
             vocab,
             bytes,
+            top: TopPart::default(),
         };
         let parts = [part("b:1", 2..5, &hi[..]), part("a:1", 0..2, &lo[..])];
         assert_eq!(

@@ -43,8 +43,8 @@ use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, warn};
 
 use super::{
-    GenEvent, GenReceiver, GenRequest, Pipeline, PipelineError, PipelineInfo, SeqStep, ServeError,
-    StepBatch, TokenEvent, Usage,
+    BatchLogits, GenEvent, GenReceiver, GenRequest, LogitsRow, Pipeline, PipelineError,
+    PipelineInfo, SeqStep, ServeError, StepBatch, TokenEvent, Usage,
 };
 use crate::generate::{DecodeState, FinishReason};
 use crate::sampling::SamplingError;
@@ -307,7 +307,9 @@ pub fn sampling_error(e: SamplingError) -> ServeError {
         }
         SamplingError::TooManyStops(_) | SamplingError::EmptyStop => "stop",
         // Not request fields: the pipeline handed the sampler bad logits.
-        SamplingError::LogitsLength { .. } | SamplingError::NoFiniteLogits => {
+        SamplingError::LogitsLength { .. }
+        | SamplingError::NoFiniteLogits
+        | SamplingError::NeedsWholeRow => {
             return ServeError::Internal(e.to_string());
         }
     };
@@ -519,8 +521,12 @@ impl Seq {
     }
 
     /// Samples the next token from this sequence's logits row, streams it, and says whether it continues.
-    fn sample(&mut self, logits: &[f32], tokenizer: &Tokenizer) -> Outcome {
-        let sampled = match self.state.sample(logits) {
+    fn sample(&mut self, logits: LogitsRow<'_>, tokenizer: &Tokenizer) -> Outcome {
+        let sampled = match logits {
+            LogitsRow::Whole(row) => self.state.sample(row),
+            LogitsRow::Top(top) => self.state.sample_top(top),
+        };
+        let sampled = match sampled {
             Ok(s) => s,
             Err(e) => {
                 self.fail(ServeError::Internal(format!(
@@ -737,6 +743,7 @@ impl Lane {
                 start_pos: s.pos,
                 tokens: vec![next],
                 want_logits: true,
+                top_k: s.state.candidates_needed(),
                 context: s.context,
             });
             plan.push(Planned {
@@ -769,6 +776,7 @@ impl Lane {
                 start_pos: s.pos,
                 tokens: s.prompt[s.pos..end].to_vec(),
                 want_logits: last,
+                top_k: s.state.candidates_needed(),
                 context: s.context,
             });
             plan.push(Planned {
@@ -800,13 +808,14 @@ impl Lane {
         metrics::histogram!(STEP_SECONDS).record(started.elapsed().as_secs_f64());
         let n_vocab = info.n_vocab;
         match result {
-            Ok(logits) if logits.len() == batch.n_logits() * n_vocab => {
-                self.advance(&plan, logits, n_vocab, generation).await;
+            Ok(logits) if logits.len() == batch.n_logits() && logits.n_vocab() == n_vocab => {
+                self.advance(&plan, logits, generation).await;
             }
             Ok(logits) => {
                 let e = ServeError::Internal(format!(
-                    "the pipeline returned {} logits for {} rows of {n_vocab}",
+                    "the pipeline returned {} logits rows of {} for {} rows of {n_vocab}",
                     logits.len(),
+                    logits.n_vocab(),
                     batch.n_logits()
                 ));
                 error!(lane = self.index, "{e}");
@@ -822,13 +831,7 @@ impl Lane {
 
     /// After a successful forward: positions advance, and sequences with a logits row sample their next
     /// token.
-    async fn advance(
-        &mut self,
-        plan: &[Planned],
-        logits: Vec<f32>,
-        n_vocab: usize,
-        generation: u64,
-    ) {
+    async fn advance(&mut self, plan: &[Planned], logits: BatchLogits, generation: u64) {
         let mut rows = vec![None; self.running.len()];
         let mut prompt_tokens = 0;
         for p in plan {
@@ -871,10 +874,8 @@ impl Lane {
                 group
                     .into_iter()
                     .map(|(mut s, row)| {
-                        let outcome = match row {
-                            Some(r) => {
-                                s.sample(&logits[r * n_vocab..(r + 1) * n_vocab], &tokenizer)
-                            }
+                        let outcome = match row.and_then(|r| logits.row(r)) {
+                            Some(row) => s.sample(row, &tokenizer),
                             None => Outcome::Continue,
                         };
                         (s, outcome)

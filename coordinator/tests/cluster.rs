@@ -279,3 +279,94 @@ fn llama3_shaped_tp_up_to_16_matches_the_single_process() {
         assert_greedy_agrees(&format!("tp={tp}"), &tokens, &want_tokens, &margins, 0.0);
     }
 }
+
+/// Every token event of a request (id, log-probability, alternatives), or its error.
+async fn collect_events(
+    mut rx: tessera::serve::GenReceiver,
+) -> Result<Vec<(u32, Option<f32>, Vec<(u32, f32)>)>, tessera::serve::ServeError> {
+    let mut out = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenEvent::Token(t) => out.push((t.id, t.logprob, t.top_logprobs)),
+            GenEvent::Done { .. } => return Ok(out),
+            GenEvent::Error(e) => return Err(e),
+        }
+    }
+    panic!("the event stream ended without Done or Error");
+}
+
+/// Greedy and top-k requests take each rank's best logits and log-sum-exp instead of whole vocabulary rows;
+/// the same request with a zero logit bias (which changes no logit but needs whole rows) must give the same
+/// tokens and log-probabilities, through a TP=2 × PP=2 cluster whose ranks each hold half the vocabulary.
+#[test]
+fn best_logits_give_what_whole_rows_give() {
+    let Some(path) = model(SMOLLM2_F32) else {
+        return;
+    };
+    let ckpt = Checkpoint::open(std::slice::from_ref(&path)).unwrap();
+    let tok = Arc::new(Tokenizer::from_checkpoint(&ckpt).unwrap());
+    let prompt = tok.encode(PROMPT, true, false).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let workers = start_workers(&path, 2, 2, dir.path());
+    let manifest = shard_tool::manifest::Manifest::load(&workers.spec.shard_dir).unwrap();
+    let cases = [
+        SamplingParams {
+            max_tokens: Some(12),
+            logprobs: Some(5),
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            max_tokens: Some(12),
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.02,
+            logprobs: Some(2),
+            seed: Some(3),
+            ..Default::default()
+        },
+    ];
+    runtime().block_on(async {
+        let pipeline =
+            RemotePipeline::connect(manifest, workers.worker_addrs(), RemoteOptions::default())
+                .expect("connect");
+        pipeline
+            .wait_healthy(Duration::from_secs(60))
+            .await
+            .expect("cluster becomes healthy");
+        let sched = Scheduler::start(pipeline.clone(), tok.clone(), SchedulerConfig::default());
+        for params in cases {
+            let whole_rows = SamplingParams {
+                logit_bias: vec![(0, 0.0)],
+                ..params.clone()
+            };
+            let mut runs = Vec::new();
+            for p in [params.clone(), whole_rows] {
+                let rx = sched
+                    .submit(GenRequest {
+                        prompt: prompt.clone(),
+                        params: p,
+                    })
+                    .expect("submit");
+                runs.push(collect_events(rx).await.expect("generation"));
+            }
+            let (best, whole) = (&runs[0], &runs[1]);
+            assert_eq!(best.len(), whole.len(), "{params:?}");
+            for (b, w) in best.iter().zip(whole) {
+                assert_eq!(b.0, w.0, "{params:?}: tokens differ");
+                let (lb, lw) = (b.1.unwrap(), w.1.unwrap());
+                assert!((lb - lw).abs() < 1e-5, "{params:?}: logprob {lb} vs {lw}");
+                assert_eq!(b.2.len(), w.2.len());
+                for (x, y) in b.2.iter().zip(&w.2) {
+                    assert_eq!(x.0, y.0, "{params:?}: alternatives differ");
+                    assert!((x.1 - y.1).abs() < 1e-5, "{params:?}: {x:?} vs {y:?}");
+                }
+            }
+            eprintln!(
+                "{params:?}: {:?}",
+                tok.decode(&best.iter().map(|e| e.0).collect::<Vec<_>>(), true)
+            );
+        }
+    });
+    drop(workers);
+}

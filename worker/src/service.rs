@@ -190,21 +190,14 @@ fn hand_off_client(addr: &str) -> Result<WorkerClient<tonic::transport::Channel>
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-fn hand_off_result(
-    order: u64,
-    got: std::result::Result<Bytes, String>,
-) -> Result<Vec<f32>, Status> {
-    match got {
-        Ok(bytes) => bytes_to_f32s(&bytes).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "HandOff of batch {order}: {} bytes of hidden states is not a whole number of f32 values",
-                bytes.len()
-            ))
-        }),
-        Err(why) => Err(Status::aborted(format!(
+/// The hidden states a HandOff brought (checked with the Forward's own `hidden`), or ABORTED with why the
+/// previous stage did not run the batch.
+fn hand_off_result(order: u64, got: std::result::Result<Bytes, String>) -> Result<Bytes, Status> {
+    got.map_err(|why| {
+        Status::aborted(format!(
             "the previous stage did not run batch {order}: {why}"
-        ))),
-    }
+        ))
+    })
 }
 
 /// A numbered batch's turn (see `ForwardRequest.order`): the next number may go once this is dropped, on
@@ -461,7 +454,7 @@ impl WorkerService {
     }
 
     /// The hidden states of batch `order` from the previous stage, once its HandOff arrives.
-    async fn receive_hand_off(&self, epoch: u64, order: u64) -> Result<Vec<f32>, Status> {
+    async fn receive_hand_off(&self, epoch: u64, order: u64) -> Result<Bytes, Status> {
         let rx = {
             let mut mb = lock(&self.shared.mailbox);
             if mb.epoch != epoch {
@@ -760,7 +753,7 @@ impl Worker for WorkerService {
         let mut result = Ok(());
         if hand_off && !is_first {
             match self.receive_hand_off(epoch, order).await {
-                Ok(hidden) => req.hidden = Bytes::from(f32s_to_bytes(&hidden)),
+                Ok(hidden) => req.hidden = hidden,
                 Err(status) => result = Err(status),
             }
         }

@@ -86,22 +86,10 @@ pub enum LogitsRow<'a> {
 }
 
 impl BatchLogits {
-    /// No rows yet, over a vocabulary of `n_vocab`.
-    pub fn new(n_vocab: usize) -> BatchLogits {
-        BatchLogits {
-            n_vocab,
-            ..BatchLogits::default()
-        }
-    }
-
     /// Every row whole: `data` holds `data.len() / n_vocab` rows.
     pub fn whole(n_vocab: usize, data: Vec<f32>) -> BatchLogits {
         let n = data.len().checked_div(n_vocab).unwrap_or(0);
-        BatchLogits {
-            n_vocab,
-            whole: data,
-            rows: (0..n).map(Row::Whole).collect(),
-        }
+        BatchLogits::from_rows(n_vocab, data, vec![None; n])
     }
 
     /// Rows in order: `None` takes the next whole row of `whole` (`n_vocab` values each), `Some` is a row's
@@ -125,18 +113,6 @@ impl BatchLogits {
             whole,
             rows,
         }
-    }
-
-    /// Appends a whole row (`n_vocab` values).
-    pub fn push_whole(&mut self, row: &[f32]) {
-        debug_assert_eq!(row.len(), self.n_vocab);
-        self.rows
-            .push(Row::Whole(self.whole.len() / self.n_vocab.max(1)));
-        self.whole.extend_from_slice(row);
-    }
-
-    pub fn push_top(&mut self, top: TopLogits) {
-        self.rows.push(Row::Top(top));
     }
 
     pub fn n_vocab(&self) -> usize {

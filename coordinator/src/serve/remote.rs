@@ -183,7 +183,6 @@ impl Rank {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Layout {
     info: PipelineInfo,
-    n_embd: usize,
     /// Vocabulary rows of each last-stage rank, in rank order.
     vocab: Vec<Range<usize>>,
 }
@@ -246,7 +245,6 @@ impl RemotePipeline {
                 n_stages: pp,
                 tp,
             },
-            n_embd: manifest.config.n_embd,
             vocab: Vec::new(),
         };
         let (state, rx) = watch::channel(GroupState::Down("connecting".into()));
@@ -966,11 +964,7 @@ fn layout_from<'a>(
             "the last stage's vocabulary slices {vocab:?} do not tile 0..{n_vocab}"
         ));
     }
-    Ok(Layout {
-        info,
-        n_embd: manifest.config.n_embd,
-        vocab,
-    })
+    Ok(Layout { info, vocab })
 }
 
 /// One last-stage rank's logits: `rows` rows of its vocabulary slice `vocab`, f32 little-endian.

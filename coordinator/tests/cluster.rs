@@ -99,19 +99,37 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Every token of a request, or its error.
-async fn collect(
+/// Every token event of a request (id, log-probability, alternatives), or its error.
+async fn collect_events(
     mut rx: tessera::serve::GenReceiver,
-) -> Result<Vec<u32>, tessera::serve::ServeError> {
-    let mut ids = Vec::new();
+) -> Result<Vec<(u32, Option<f32>, Vec<(u32, f32)>)>, tessera::serve::ServeError> {
+    let mut out = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            GenEvent::Token(t) => ids.push(t.id),
-            GenEvent::Done { .. } => return Ok(ids),
+            GenEvent::Token(t) => out.push((t.id, t.logprob, t.top_logprobs)),
+            GenEvent::Done { .. } => return Ok(out),
             GenEvent::Error(e) => return Err(e),
         }
     }
     panic!("the event stream ended without Done or Error");
+}
+
+/// Every token of a request, or its error.
+async fn collect(rx: tessera::serve::GenReceiver) -> Result<Vec<u32>, tessera::serve::ServeError> {
+    Ok(collect_events(rx).await?.into_iter().map(|e| e.0).collect())
+}
+
+/// The remote pipeline over `workers`, once the group has formed.
+async fn healthy_pipeline(workers: &tessera::launcher::LocalCluster) -> Arc<RemotePipeline> {
+    let manifest = shard_tool::manifest::Manifest::load(&workers.spec.shard_dir).unwrap();
+    let pipeline =
+        RemotePipeline::connect(manifest, workers.worker_addrs(), RemoteOptions::default())
+            .expect("connect");
+    pipeline
+        .wait_healthy(Duration::from_secs(60))
+        .await
+        .expect("cluster becomes healthy");
+    pipeline
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -134,16 +152,9 @@ fn cluster_run(
 ) -> (Vec<f32>, Vec<u32>) {
     let dir = tempfile::tempdir().unwrap();
     let workers = start_workers(model, tp, pp, dir.path());
-    let manifest = shard_tool::manifest::Manifest::load(&workers.spec.shard_dir).unwrap();
     let rt = runtime();
     let out = rt.block_on(async {
-        let pipeline =
-            RemotePipeline::connect(manifest, workers.worker_addrs(), RemoteOptions::default())
-                .expect("connect");
-        pipeline
-            .wait_healthy(Duration::from_secs(60))
-            .await
-            .expect("cluster becomes healthy");
+        let pipeline = healthy_pipeline(&workers).await;
         let batch = StepBatch {
             seqs: vec![SeqStep {
                 seq_id: 1 << 40,
@@ -280,21 +291,6 @@ fn llama3_shaped_tp_up_to_16_matches_the_single_process() {
     }
 }
 
-/// Every token event of a request (id, log-probability, alternatives), or its error.
-async fn collect_events(
-    mut rx: tessera::serve::GenReceiver,
-) -> Result<Vec<(u32, Option<f32>, Vec<(u32, f32)>)>, tessera::serve::ServeError> {
-    let mut out = Vec::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            GenEvent::Token(t) => out.push((t.id, t.logprob, t.top_logprobs)),
-            GenEvent::Done { .. } => return Ok(out),
-            GenEvent::Error(e) => return Err(e),
-        }
-    }
-    panic!("the event stream ended without Done or Error");
-}
-
 /// Greedy and top-k requests take each rank's best logits and log-sum-exp instead of whole vocabulary rows;
 /// the same request with a zero logit bias (which changes no logit but needs whole rows) must give the same
 /// tokens and log-probabilities, through a TP=2 × PP=2 cluster whose ranks each hold half the vocabulary.
@@ -308,7 +304,6 @@ fn best_logits_give_what_whole_rows_give() {
     let prompt = tok.encode(PROMPT, true, false).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let workers = start_workers(&path, 2, 2, dir.path());
-    let manifest = shard_tool::manifest::Manifest::load(&workers.spec.shard_dir).unwrap();
     let cases = [
         SamplingParams {
             max_tokens: Some(12),
@@ -327,13 +322,7 @@ fn best_logits_give_what_whole_rows_give() {
         },
     ];
     runtime().block_on(async {
-        let pipeline =
-            RemotePipeline::connect(manifest, workers.worker_addrs(), RemoteOptions::default())
-                .expect("connect");
-        pipeline
-            .wait_healthy(Duration::from_secs(60))
-            .await
-            .expect("cluster becomes healthy");
+        let pipeline = healthy_pipeline(&workers).await;
         let sched = Scheduler::start(pipeline.clone(), tok.clone(), SchedulerConfig::default());
         for params in cases {
             let whole_rows = SamplingParams {

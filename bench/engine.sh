@@ -5,11 +5,18 @@
 # With BANDWIDTH=1 it also measures memory read bandwidth (engine-bench --bandwidth) and prints, per model,
 # Tessera's decode as a fraction of the bandwidth bound (read GB/s / weight bytes read per token).
 # llama-bench comes from scripts/build-llama-cpp.sh llama-bench (the llama-cpp-python 0.3.36 sdist).
+# With ISA=avx2 both sides run what an AVX2-only server (Zen 2/3, Haswell-Broadwell) gets: llama-bench from
+# the portable AVX2 build (ISA=avx2 scripts/build-llama-cpp.sh) and the engine with TESSERA_ISA=avx2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-2}; pp=${2:-512}; tg=${3:-128}; shift 3 || true
 cache="${TESSERA_CACHE:-$HOME/.cache/tessera}"
-llama_bench="$cache/llama.cpp/bin/llama-bench"
+case "${ISA:-native}" in
+  native) bin_dir="$cache/llama.cpp/bin" ;;
+  avx2) bin_dir="$cache/llama.cpp/bin-avx2"; export TESSERA_ISA=avx2 ;;
+  *) echo "ISA must be native or avx2" >&2; exit 2 ;;
+esac
+llama_bench="$bin_dir/llama-bench"
 [ -x "$llama_bench" ] || scripts/build-llama-cpp.sh llama-bench >&2
 cargo build --release -p tessera-bench >&2
 ours=target/release/engine-bench

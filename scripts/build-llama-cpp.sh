@@ -10,6 +10,8 @@
 #   TESSERA_CACHE   cache root (default $HOME/.cache/tessera)
 #   JOBS            parallel compile jobs (default 2)
 #   NICE            niceness for the compile (default 10)
+#   ISA             `native` (default: -march=native) or `avx2` (a portable AVX2 + FMA + F16C build with
+#                   AVX-512 off, as on Zen 2/3 or Haswell-to-Broadwell servers: its own build and bin dirs)
 # The last line of stdout is the bin directory.
 set -euo pipefail
 
@@ -18,8 +20,17 @@ CACHE="${TESSERA_CACHE:-$HOME/.cache/tessera}"
 DL="$CACHE/dl"
 SRC_ROOT="$CACHE/src"
 SRC="$SRC_ROOT/llama_cpp_python-$LCP_VERSION/vendor/llama.cpp"
-BUILD="$CACHE/build/llama.cpp-$LCP_VERSION"
-BIN="$CACHE/llama.cpp/bin"
+ISA="${ISA:-native}"
+case "$ISA" in
+    native) SUFFIX=""; ISA_FLAGS=() ;;
+    avx2) SUFFIX="-avx2"
+          ISA_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                     -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF
+                     -DGGML_AVX_VNNI=OFF) ;;
+    *) echo "[build-llama-cpp] ISA must be native or avx2, not '$ISA'" >&2; exit 2 ;;
+esac
+BUILD="$CACHE/build/llama.cpp-$LCP_VERSION$SUFFIX"
+BIN="$CACHE/llama.cpp/bin$SUFFIX"
 JOBS="${JOBS:-2}"
 NICE="${NICE:-10}"
 PY="${PYTHON:-python3}"
@@ -81,6 +92,7 @@ if [ ! -f "$BUILD/build.ninja" ]; then
         -DLLAMA_BUILD_EXAMPLES=ON \
         -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
         -DGGML_CCACHE=OFF \
+        "${ISA_FLAGS[@]}" \
         >&2
 fi
 

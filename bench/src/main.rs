@@ -78,6 +78,11 @@ fn read_bandwidth(threads: usize) -> f64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    tessera_worker::cli::check_cpu_kernels()?;
+    eprintln!(
+        "CPU kernels: {}",
+        tessera_kernels::cpu::Kernels::best().isa().name()
+    );
     let ckpt = Checkpoint::open(std::slice::from_ref(&args.model)).context("opening the model")?;
     let spec = plan(&ckpt.config, &ckpt.tensors, &Topology::new(1, 1))?
         .shards

@@ -265,9 +265,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Serve(args) => serve(args),
-        Command::Cluster(args) => cluster(args),
+        Command::Run(args) => tessera_worker::cli::check_cpu_kernels().and_then(|()| run(args)),
+        Command::Serve(args) => tessera_worker::cli::check_cpu_kernels().and_then(|()| serve(args)),
+        Command::Cluster(args) => {
+            tessera_worker::cli::check_cpu_kernels().and_then(|()| cluster(args))
+        }
         Command::Worker(args) => tessera_worker::cli::run(args),
     };
     match result {

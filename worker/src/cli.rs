@@ -105,7 +105,19 @@ pub struct WorkerArgs {
 /// Builds its own tokio runtime (two threads for gRPC; the engine has its own thread and kernel pool), so call
 /// it from plain `main`, not from inside a runtime. Logging goes through `tracing`: the caller installs the
 /// subscriber.
+/// Checks `TESSERA_ISA` (a cap on the CPU kernel level, see `tessera_kernels::cpu::ISA_ENV`) before any
+/// weight is packed, and logs the level the CPU kernels will use.
+pub fn check_cpu_kernels() -> anyhow::Result<()> {
+    tessera_kernels::cpu::Isa::cap_from_env()?;
+    info!(
+        kernels = tessera_kernels::cpu::Kernels::best().isa().name(),
+        "CPU kernel level (cap with TESSERA_ISA)"
+    );
+    Ok(())
+}
+
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    check_cpu_kernels()?;
     let (dir, stage, rank) = (&args.shard_dir, args.stage, args.rank);
     if !args.no_verify {
         info!(dir = %dir.display(), stage, rank, "verifying the shard file's checksum (skip with --no-verify)");

@@ -92,6 +92,65 @@ impl Isa {
     pub fn available() -> Vec<Isa> {
         Self::ALL.into_iter().filter(|i| i.is_available()).collect()
     }
+
+    /// The name `TESSERA_ISA` takes for this level.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    /// The level cap set by `TESSERA_ISA` ([`ISA_ENV`]), `None` when unset or empty. A name that is not a
+    /// level, or a level this CPU cannot run, is an error naming the levels it can.
+    pub fn cap_from_env() -> Result<Option<Isa>, IsaEnvError> {
+        match std::env::var(ISA_ENV) {
+            Ok(v) if !v.trim().is_empty() => Isa::cap_from(v.trim()).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn cap_from(name: &str) -> Result<Isa, IsaEnvError> {
+        let available = || {
+            Isa::available()
+                .into_iter()
+                .map(Isa::name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let isa = Isa::ALL
+            .into_iter()
+            .find(|i| i.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| IsaEnvError {
+                value: name.to_string(),
+                reason: "not a kernel level",
+                available: available(),
+            })?;
+        if isa.is_available() {
+            Ok(isa)
+        } else {
+            Err(IsaEnvError {
+                value: name.to_string(),
+                reason: "this CPU lacks its instructions",
+                available: available(),
+            })
+        }
+    }
+}
+
+/// Caps the kernel level below what the CPU offers, e.g. `TESSERA_ISA=avx2` to run (and benchmark) the
+/// kernels an AVX2-only server would get on an AVX-512 machine. Read once, on the first kernel call.
+pub const ISA_ENV: &str = "TESSERA_ISA";
+
+/// A `TESSERA_ISA` value that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{ISA_ENV}={value}: {reason} (this CPU runs: {available})")]
+pub struct IsaEnvError {
+    value: String,
+    reason: &'static str,
+    available: String,
 }
 
 /// One ISA level's kernels: a dot product per weight type, optional multi-row / multi-token tiles, and the
@@ -108,6 +167,8 @@ pub struct Kernels {
     pub(crate) axpy_f16: AxpyF16Fn,
     /// The matmul over interleaved weights (`cpu::packed`), where the level has one.
     pub(crate) packed: Option<super::packed::PackedMatmulFn>,
+    /// The types `packed` multiplies (and `pack` interleaves).
+    pub(crate) packed_types: &'static [GgmlType],
     /// Blocked multi-head attention, where the level has one (else a per-position loop over `dot` and
     /// `axpy_f16`).
     pub(crate) attn_rows: Option<AttnRowsFn>,
@@ -130,12 +191,19 @@ static TABLES: [OnceLock<Option<Kernels>>; 4] = [
 static BEST: OnceLock<&'static Kernels> = OnceLock::new();
 
 impl Kernels {
-    /// The table of the highest level this CPU supports (detected once).
+    /// The table of the highest level this CPU supports, capped by `TESSERA_ISA` when it is set to a
+    /// level the CPU can run (chosen once). Binaries check the variable with [`Isa::cap_from_env`] at
+    /// start, so a bad value is reported there rather than ignored here.
     pub fn best() -> &'static Kernels {
         BEST.get_or_init(|| {
+            let cap = Isa::cap_from_env()
+                .ok()
+                .flatten()
+                .unwrap_or(Isa::Avx512Vnni);
             Isa::ALL
                 .into_iter()
                 .rev()
+                .filter(|&i| i as usize <= cap as usize)
                 .find_map(Kernels::for_isa)
                 .unwrap_or_else(|| unreachable_scalar())
         })
@@ -200,5 +268,27 @@ fn build(isa: Isa) -> Kernels {
         Isa::Avx512Vnni => super::avx512::kernels(true),
         #[cfg(not(target_arch = "x86_64"))]
         _ => super::scalar::kernels(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isa_cap_names_every_level_and_refuses_others() {
+        for isa in Isa::available() {
+            assert_eq!(Isa::cap_from(isa.name()), Ok(isa));
+            assert_eq!(Isa::cap_from(&isa.name().to_uppercase()), Ok(isa));
+        }
+        let err = Isa::cap_from("sse4").unwrap_err().to_string();
+        assert!(
+            err.starts_with("TESSERA_ISA=sse4: not a kernel level (this CPU runs: scalar"),
+            "{err}"
+        );
+        if let Some(missing) = Isa::ALL.into_iter().find(|i| !i.is_available()) {
+            let err = Isa::cap_from(missing.name()).unwrap_err().to_string();
+            assert!(err.contains("this CPU lacks its instructions"), "{err}");
+        }
     }
 }

@@ -42,7 +42,7 @@ mod avx2;
 mod avx512;
 
 pub use attention::{AttnShape, attention, attention_batch};
-pub use isa::{Isa, Kernels};
+pub use isa::{ISA_ENV, Isa, IsaEnvError, Kernels};
 pub use layout::VecDotType;
 pub use ops::{RopeCache, rms_norm, rope, silu_mul, softmax};
 pub use packed::{PackedMatrix, matmul_packed};

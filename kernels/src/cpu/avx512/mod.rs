@@ -15,19 +15,7 @@ use super::isa::{Isa, Kernels, TileFn};
 use super::layout::type_slot;
 use crate::quant::GgmlType;
 
-/// The matmul output pointer shared by the pool's threads of one packed matmul.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedOut(pub(crate) *mut f32);
-// SAFETY: each packed matmul's threads write disjoint (token, row group) outputs, and `Pool::run` joins them
-// before the borrow of the output ends.
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
-}
+pub(crate) use crate::cpu::packed::SharedOut;
 
 /// The AVX-512 table, with VNNI kernels when `vnni`. Only called after the level was detected.
 pub(crate) fn kernels(vnni: bool) -> Kernels {
@@ -82,6 +70,16 @@ pub(crate) fn kernels(vnni: bool) -> Kernels {
     }
     if vnni {
         k.packed = Some(packed::matmul);
+        k.packed_types = &[
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+        ];
     }
     k
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::SharedOut;
 use crate::cpu::isa::Kernels;
 use crate::cpu::layout::VecDotType;
-use crate::cpu::packed::{GROUP, check_io};
+use crate::cpu::packed::{GROUP, T_TILE, check_io, token_block};
 use crate::cpu::{KernelError, Pool, Scratch};
 use crate::quant::GgmlType;
 
@@ -29,9 +29,6 @@ const F16: u8 = 1;
 const BF16_SHIFT: u8 = 2;
 /// BF16 with `vdpbf16ps`.
 const BF16_DP: u8 = 3;
-
-/// Tokens per prefill tile.
-const T_TILE: usize = 4;
 
 /// One 16-row group × `T` tokens over `steps` steps. `w`: the group's steps (64 bytes each; F16: 32);
 /// `a`: token 0's activations (f32 for F32/F16, bf16 for BF16), tokens `a_stride` bytes apart; `out`: `y`
@@ -255,7 +252,7 @@ fn matmul_with(
             &act[..n_tokens * stride]
         }
     };
-    let t_block = super::packed::token_block(stride);
+    let t_block = token_block(stride);
     let n_tblocks = n_tokens.div_ceil(t_block);
     let per_thread = (groups * n_tblocks).div_ceil(pool.n_threads().max(1));
     let chunk = if pool.n_threads() <= 1 {

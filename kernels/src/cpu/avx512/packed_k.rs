@@ -17,6 +17,7 @@ use std::arch::x86_64::*;
 
 use crate::cpu::layout::Q8_K_BYTES;
 use crate::cpu::packed::{Q4K_QS, Q4K_SCALES, Q6K_QL, Q6K_SCALES};
+use crate::quant::GgmlType;
 
 /// `aux` words per (token, super-block): Q4_K `d` + 4 sub-block sum pairs, Q6_K `d` + 16 `−32·bs_g`.
 pub(crate) const Q4K_AUX: usize = 5;
@@ -288,7 +289,16 @@ tiles! {
 
 /// Fills the per (token, super-block) words: `d`, then for Q4_K the 4 pairs `(bs_0, bs_2)`, `(bs_1, bs_3)`,
 /// `(bs_4, bs_6)`, `(bs_5, bs_7)` of sub-block sums as i16 halves (the order the tile unpacks the mins in), for Q6_K `−32·bsums[g]` for the 16 groups.
-pub(crate) fn fill_aux(q6: bool, act: &[u8], n_tokens: usize, stride: usize, aux: &mut Vec<u32>) {
+/// A `FillAuxFn`.
+pub(crate) fn fill_aux(
+    ty: GgmlType,
+    act: &[u8],
+    n_tokens: usize,
+    stride: usize,
+    _nb: usize,
+    aux: &mut Vec<u32>,
+) {
+    let q6 = ty == GgmlType::Q6_K;
     aux.clear();
     for t in 0..n_tokens {
         for blk in act[t * stride..(t + 1) * stride].chunks_exact(Q8_K_BYTES) {

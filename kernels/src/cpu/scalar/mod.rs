@@ -38,6 +38,7 @@ pub(crate) fn kernels() -> Kernels {
         ],
         axpy_f16: dot::axpy_f16,
         packed: None,
+        packed_types: &[],
         attn_rows: None,
         silu_mul: ops::silu_mul,
         exp_sum: ops::exp_sum,

@@ -4,6 +4,7 @@
 pub(crate) mod act;
 pub(crate) mod dot;
 pub(crate) mod ops;
+pub(crate) mod packed;
 
 use super::isa::{Isa, Kernels};
 
@@ -38,8 +39,8 @@ pub(crate) fn kernels() -> Kernels {
             base.quantize[5],
         ],
         axpy_f16: dot::axpy_f16,
-        packed: None,
-        packed_types: &[],
+        packed: Some(packed::matmul),
+        packed_types: packed::TYPES,
         attn_rows: None,
         silu_mul: ops::silu_mul,
         exp_sum: ops::exp_sum,

@@ -5,6 +5,7 @@ pub(crate) mod act;
 pub(crate) mod dot;
 pub(crate) mod ops;
 pub(crate) mod packed;
+pub(crate) mod packed_f;
 
 use super::isa::{Isa, Kernels};
 

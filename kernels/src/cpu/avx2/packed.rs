@@ -1,4 +1,5 @@
-//! AVX2 matmul over the 16-row interleaved legacy layouts (Q4_0, Q4_1, Q8_0; `cpu::packed`), for CPUs
+//! AVX2 matmul over the 16-row interleaved legacy layouts (Q4_0, Q4_1, Q8_0; `cpu::packed`; the float
+//! layouts are in `packed_f`), for CPUs
 //! without AVX-512 (Zen 2/3, Haswell to Broadwell): the VNNI tiles' scheme with 256-bit vectors. A 64-byte
 //! weight chunk is two 8-row halves; without `vpdpbusd`, `maddubs` multiplies unsigned weight bytes by the
 //! broadcast activation word into i16 pairs and one `madd` by ones per block widens them to the 8 row sums.
@@ -47,7 +48,7 @@ unsafe fn load(p: *const u8) -> __m256i {
 /// Stores the first `n` (≤ 8) lanes of `v` at `p`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn store_rows(p: *mut f32, v: __m256, n: usize) {
+pub(super) unsafe fn store_rows(p: *mut f32, v: __m256, n: usize) {
     if n >= 8 {
         // SAFETY: the caller guarantees 8 writable floats.
         unsafe { _mm256_storeu_ps(p, v) };
@@ -209,7 +210,14 @@ tiles! {
 }
 
 /// The types the AVX2 packed matmul multiplies.
-pub(crate) const TYPES: &[GgmlType] = &[GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+pub(crate) const TYPES: &[GgmlType] = &[
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q8_0,
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+];
 
 /// The AVX2 packed matmul (a `PackedMatmulFn`).
 #[allow(clippy::too_many_arguments)]
@@ -225,6 +233,9 @@ pub(crate) fn matmul(
     y: &mut [f32],
     scratch: &mut Scratch,
 ) -> Result<(), KernelError> {
+    if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+        return super::packed_f::matmul(k, pool, ty, rows, cols, data, x, n_tokens, y, scratch);
+    }
     let tiles = match ty {
         GgmlType::Q4_0 => QuantTiles::legacy(q4_0_t1, q4_0_t4),
         GgmlType::Q4_1 => QuantTiles::legacy(q4_1_t1, q4_1_t4),

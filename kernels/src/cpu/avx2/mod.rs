@@ -2,6 +2,7 @@
 //! twin of the scalar one with the same name. Entries without an AVX2 version keep the scalar one.
 
 pub(crate) mod act;
+pub(crate) mod attention;
 pub(crate) mod dot;
 pub(crate) mod ops;
 pub(crate) mod packed;
@@ -42,7 +43,7 @@ pub(crate) fn kernels() -> Kernels {
         axpy_f16: dot::axpy_f16,
         packed: Some(packed::matmul),
         packed_types: packed::TYPES,
-        attn_rows: None,
+        attn_rows: Some(attention::attn_rows),
         silu_mul: ops::silu_mul,
         exp_sum: ops::exp_sum,
     }

@@ -295,6 +295,51 @@ fn matmul_matches_reference() {
     }
 }
 
+/// Every level's packed matmul gives a token the same bits alone (the 1-token tile) as inside a batch
+/// (4-token tiles and a 1-token tail), on 1 and 2 threads: the server batches unrelated requests, and a
+/// sequence's output must not depend on them.
+#[test]
+fn packed_matmul_is_batch_invariant() {
+    let mut rng = Rng::new(11);
+    let pools = [Pool::new(1), Pool::new(2)];
+    let mut scratch = Scratch::new();
+    let (rows, cols, n_tokens) = (37, 512, 7);
+    for k in tables() {
+        for ty in GgmlType::ALL {
+            let wf: Vec<f32> = (0..rows).flat_map(|_| weights(&mut rng, cols)).collect();
+            let wq: Vec<u8> = wf.chunks(cols).flat_map(|r| quantize(ty, r)).collect();
+            let m = QMatrix::new(ty, rows, cols, &wq).expect("matrix");
+            let packed = k.pack(&m).expect("pack");
+            if !packed.is_interleaved() {
+                continue;
+            }
+            let x = rng.vec(n_tokens * cols, 1.0);
+            for pool in &pools {
+                let mut batch = vec![f32::NAN; n_tokens * rows];
+                k.matmul_packed(pool, &packed, &x, n_tokens, &mut batch, &mut scratch)
+                    .expect("matmul_packed");
+                for t in 0..n_tokens {
+                    let mut alone = vec![f32::NAN; rows];
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    k.matmul_packed(pool, &packed, xt, 1, &mut alone, &mut scratch)
+                        .expect("matmul_packed");
+                    let in_batch = &batch[t * rows..(t + 1) * rows];
+                    let same = alone
+                        .iter()
+                        .zip(in_batch)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{:?} {ty:?} token {t} threads {}: alone {alone:?}\nin batch {in_batch:?}",
+                        k.isa(),
+                        pool.n_threads()
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn packed_matrices_are_tied_to_their_isa() {
     let data = vec![0u8; 16 * 18];

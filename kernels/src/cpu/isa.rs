@@ -49,10 +49,11 @@ pub enum Isa {
     /// Portable Rust; the reference for everything.
     Scalar,
     /// AVX2 + FMA + F16C (Haswell / Zen 1 and later): ggml-style dot products for all 13 types, Q8_0 / Q8_1 /
-    /// F16 / BF16 activation converters, SwiGLU and softmax `exp`.
+    /// F16 / BF16 activation converters, SwiGLU and softmax `exp`, the packed (16-row interleaved) matmul
+    /// with `maddubs` tiles, and blocked attention.
     Avx2,
     /// AVX-512 F/BW/VL/DQ (Skylake-X and later), no VNNI: adds 512-bit F32 / F16 / BF16 tiles, the Q8_K
-    /// converter, `exp`, and blocked attention; quantized dots stay AVX2.
+    /// converter, `exp`, and blocked attention; quantized dots and the packed matmul stay AVX2.
     Avx512,
     /// AVX-512 with VNNI (`vpdpbusd`; Ice Lake, Zen 4, Sapphire Rapids): adds 4-row tiles for Q4_0 / Q4_1 /
     /// Q8_0 and the packed (16-row interleaved) matmul for Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / F32 / F16 /

@@ -565,6 +565,129 @@ pub(crate) fn matmul_quant(
     Ok(())
 }
 
+/// One 16-row group × `T` tokens of a float packed layout: `(steps, w, a, a_stride, out, out_stride,
+/// valid)`. `w`: the group's `steps` steps (64 bytes each; F16: 32); `a`: token 0's activations (f32 for
+/// F32/F16, bf16 for BF16), tokens `a_stride` bytes apart; `out`: `y` at (token 0, the group's first row),
+/// tokens `out_stride` floats apart; the first `valid` rows are written.
+pub(crate) type FloatTileFn = unsafe fn(usize, *const u8, *const u8, usize, *mut f32, usize, usize);
+
+/// An ISA level's kernels for one float packed type.
+#[derive(Clone, Copy)]
+pub(crate) struct FloatTiles {
+    pub(crate) t1: FloatTileFn,
+    pub(crate) t4: FloatTileFn,
+    /// `x` rounded to f16 (nearest even, as F16C converts) and back, as little-endian f32 bytes in `out`
+    /// (`out.len() >= 4 * x.len()`): F16 weights meet activations as llama.cpp converts them.
+    pub(crate) round_through_f16: unsafe fn(&[f32], &mut [u8]),
+}
+
+/// The packed matmul of a float type with one level's `tiles`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_float(
+    k: &Kernels,
+    pool: &Pool,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+    tiles: FloatTiles,
+) -> Result<(), KernelError> {
+    check_io(rows, cols, x, n_tokens, y)?;
+    let groups = rows.div_ceil(GROUP);
+    let step_bytes = if ty == GgmlType::F16 { 32 } else { 64 };
+    let steps = if ty == GgmlType::BF16 { cols / 2 } else { cols };
+    check_len(
+        "packed matrix bytes",
+        groups * steps * step_bytes,
+        data.len(),
+    )?;
+    if n_tokens == 0 || rows == 0 {
+        return Ok(());
+    }
+    let FloatTiles {
+        t1,
+        t4,
+        round_through_f16,
+    } = tiles;
+    // Activations: F32 as given, F16 rounded through f16 (kept as f32 for broadcasting), BF16 as bf16.
+    let mut act = std::mem::take(&mut scratch.act);
+    let stride;
+    let act_ref: &[u8] = match ty {
+        GgmlType::F32 => {
+            stride = 4 * cols;
+            // SAFETY: any f32 is 4 valid bytes; the view lives no longer than `x`.
+            unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+        }
+        GgmlType::F16 => {
+            stride = 4 * cols;
+            act.resize(4 * x.len(), 0);
+            // SAFETY: `act` holds 4 bytes per value of `x`; the level's features were detected with `k`.
+            unsafe { round_through_f16(x, &mut act) };
+            &act
+        }
+        _ => {
+            stride = 2 * cols;
+            k.quantize_tokens(pool, VecDotType::BF16, x, n_tokens, cols, stride, &mut act);
+            &act[..n_tokens * stride]
+        }
+    };
+    let t_block = token_block(stride);
+    let n_tblocks = n_tokens.div_ceil(t_block);
+    let per_thread = (groups * n_tblocks).div_ceil(pool.n_threads().max(1));
+    let chunk = if pool.n_threads() <= 1 {
+        groups
+    } else {
+        (per_thread / 6).clamp(1, groups)
+    };
+    let n_gchunks = groups.div_ceil(chunk);
+    let n_items = n_tblocks * n_gchunks;
+    let next = AtomicUsize::new(0);
+    let out = SharedOut(y.as_mut_ptr());
+    let group_bytes = steps * step_bytes;
+    pool.run(|_, _| {
+        loop {
+            let item = next.fetch_add(1, Ordering::Relaxed);
+            if item >= n_items {
+                break;
+            }
+            let (tb, gc) = (item / n_gchunks, item % n_gchunks);
+            let (t_lo, t_hi) = (tb * t_block, ((tb + 1) * t_block).min(n_tokens));
+            for g in gc * chunk..((gc + 1) * chunk).min(groups) {
+                let valid = (rows - g * GROUP).min(GROUP);
+                let mut t = t_lo;
+                while t < t_hi {
+                    let (f, step) = if t + T_TILE <= t_hi {
+                        (t4, T_TILE)
+                    } else {
+                        (t1, 1)
+                    };
+                    // SAFETY: group `g` has `group_bytes` bytes in `data` (length checked); tokens t..t+step
+                    // have `stride` activation bytes; outputs (t.., g*16 .. g*16+valid) lie inside `y` and
+                    // belong to this item only. The tiles' features were detected with the table `k`.
+                    unsafe {
+                        f(
+                            steps,
+                            data.as_ptr().add(g * group_bytes),
+                            act_ref.as_ptr().add(t * stride),
+                            stride,
+                            out.get().add(t * rows + g * GROUP),
+                            rows,
+                            valid,
+                        )
+                    };
+                    t += step;
+                }
+            }
+        }
+    });
+    scratch.act = act;
+    Ok(())
+}
+
 /// Shape checks shared by packed implementations.
 pub(crate) fn check_io(
     rows: usize,

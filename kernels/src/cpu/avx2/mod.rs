@@ -1,16 +1,17 @@
 //! AVX2 + FMA + F16C kernels (Haswell / Zen 1 and later): the same files as `scalar`, each function the SIMD
 //! twin of the scalar one with the same name. Entries without an AVX2 version keep the scalar one.
-//! `packed` multiplies 16-row interleaved Q4_K / Q6_K weights with the tiles of `packed_k`
-//! (`cpu::packed`); the AVX-512 level without VNNI inherits it.
+//! `packed::matmul` multiplies 16-row interleaved weights (`cpu::packed`) with the tiles of `packed` (legacy
+//! quants), `packed_k` (Q4_K / Q6_K) and `packed_f` (floats); the AVX-512 level without VNNI inherits it.
 
 pub(crate) mod act;
+pub(crate) mod attention;
 pub(crate) mod dot;
 pub(crate) mod ops;
 pub(crate) mod packed;
+pub(crate) mod packed_f;
 pub(crate) mod packed_k;
 
 use super::isa::{Isa, Kernels};
-use crate::quant::GgmlType;
 
 /// The AVX2 table. Only called after `Isa::Avx2.is_available()`.
 pub(crate) fn kernels() -> Kernels {
@@ -44,8 +45,8 @@ pub(crate) fn kernels() -> Kernels {
         ],
         axpy_f16: dot::axpy_f16,
         packed: Some(packed::matmul),
-        packed_types: &[GgmlType::Q4_K, GgmlType::Q6_K],
-        attn_rows: None,
+        packed_types: packed::TYPES,
+        attn_rows: Some(attention::attn_rows),
         silu_mul: ops::silu_mul,
         exp_sum: ops::exp_sum,
     }

@@ -15,8 +15,6 @@ use super::isa::{Isa, Kernels, TileFn};
 use super::layout::type_slot;
 use crate::quant::GgmlType;
 
-pub(crate) use crate::cpu::packed::SharedOut;
-
 /// The AVX-512 table, with VNNI kernels when `vnni`. Only called after the level was detected.
 pub(crate) fn kernels(vnni: bool) -> Kernels {
     let mut k = super::avx2::kernels();

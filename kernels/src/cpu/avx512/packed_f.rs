@@ -14,12 +14,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::SharedOut;
 use crate::cpu::isa::Kernels;
-use crate::cpu::layout::VecDotType;
-use crate::cpu::packed::{GROUP, T_TILE, check_io, token_block};
+use crate::cpu::packed::{FloatTileFn, FloatTiles, GROUP, matmul_float};
 use crate::cpu::{KernelError, Pool, Scratch};
 use crate::quant::GgmlType;
 
@@ -151,8 +148,6 @@ unsafe fn round_through_f16(x: &[f32], out: &mut [u8]) {
     }
 }
 
-type FloatTileFn = unsafe fn(usize, *const u8, *const u8, usize, *mut f32, usize, usize);
-
 macro_rules! tiles {
     ($($name:ident: $kind:expr, $t:literal, $feat:literal;)*) => {$(
         /// # Safety
@@ -212,97 +207,20 @@ fn matmul_with(
     scratch: &mut Scratch,
     dp: bool,
 ) -> Result<(), KernelError> {
-    check_io(rows, cols, x, n_tokens, y)?;
-    let groups = rows.div_ceil(GROUP);
-    let step_bytes = if ty == GgmlType::F16 { 32 } else { 64 };
-    let steps = if ty == GgmlType::BF16 { cols / 2 } else { cols };
-    crate::cpu::check_len(
-        "packed matrix bytes",
-        groups * steps * step_bytes,
-        data.len(),
-    )?;
-    if n_tokens == 0 || rows == 0 {
-        return Ok(());
-    }
     let (t1, t4): (FloatTileFn, FloatTileFn) = match ty {
         GgmlType::F32 => (f32_t1, f32_t4),
         GgmlType::F16 => (f16_t1, f16_t4),
         _ if dp => (bf16d_t1, bf16d_t4),
         _ => (bf16s_t1, bf16s_t4),
     };
-    // Activations: F32 as given, F16 rounded through f16 (kept as f32 for broadcasting), BF16 as bf16.
-    let mut act = std::mem::take(&mut scratch.act);
-    let stride;
-    let act_ref: &[u8] = match ty {
-        GgmlType::F32 => {
-            stride = 4 * cols;
-            // SAFETY: any f32 is 4 valid bytes; the view lives no longer than `x`.
-            unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
-        }
-        GgmlType::F16 => {
-            stride = 4 * cols;
-            act.resize(4 * x.len(), 0);
-            // SAFETY: `act` holds 4 bytes per value of `x`; AVX-512 was detected with the table.
-            unsafe { round_through_f16(x, &mut act) };
-            &act
-        }
-        _ => {
-            stride = 2 * cols;
-            k.quantize_tokens(pool, VecDotType::BF16, x, n_tokens, cols, stride, &mut act);
-            &act[..n_tokens * stride]
-        }
+    let tiles = FloatTiles {
+        t1,
+        t4,
+        round_through_f16,
     };
-    let t_block = token_block(stride);
-    let n_tblocks = n_tokens.div_ceil(t_block);
-    let per_thread = (groups * n_tblocks).div_ceil(pool.n_threads().max(1));
-    let chunk = if pool.n_threads() <= 1 {
-        groups
-    } else {
-        (per_thread / 6).clamp(1, groups)
-    };
-    let n_gchunks = groups.div_ceil(chunk);
-    let n_items = n_tblocks * n_gchunks;
-    let next = AtomicUsize::new(0);
-    let out = SharedOut(y.as_mut_ptr());
-    let group_bytes = steps * step_bytes;
-    pool.run(|_, _| {
-        loop {
-            let item = next.fetch_add(1, Ordering::Relaxed);
-            if item >= n_items {
-                break;
-            }
-            let (tb, gc) = (item / n_gchunks, item % n_gchunks);
-            let (t_lo, t_hi) = (tb * t_block, ((tb + 1) * t_block).min(n_tokens));
-            for g in gc * chunk..((gc + 1) * chunk).min(groups) {
-                let valid = (rows - g * GROUP).min(GROUP);
-                let mut t = t_lo;
-                while t < t_hi {
-                    let (f, step) = if t + T_TILE <= t_hi {
-                        (t4, T_TILE)
-                    } else {
-                        (t1, 1)
-                    };
-                    // SAFETY: group `g` has `group_bytes` bytes in `data` (length checked); tokens t..t+step
-                    // have `stride` activation bytes; outputs (t.., g*16 .. g*16+valid) lie inside `y` and
-                    // belong to this item only. AVX-512 (and BF16 for the dp tiles) was detected.
-                    unsafe {
-                        f(
-                            steps,
-                            data.as_ptr().add(g * group_bytes),
-                            act_ref.as_ptr().add(t * stride),
-                            stride,
-                            out.get().add(t * rows + g * GROUP),
-                            rows,
-                            valid,
-                        )
-                    };
-                    t += step;
-                }
-            }
-        }
-    });
-    scratch.act = act;
-    Ok(())
+    matmul_float(
+        k, pool, ty, rows, cols, data, x, n_tokens, y, scratch, tiles,
+    )
 }
 
 #[cfg(test)]

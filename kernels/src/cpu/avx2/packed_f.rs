@@ -1,0 +1,208 @@
+//! AVX2 matmul over the 16-row interleaved float layouts (F32, F16, BF16; `cpu::packed`): the AVX-512
+//! float tiles with 256-bit vectors, for CPUs without AVX-512. A 16-row step is two 8-row halves; each
+//! weight load is multiplied by every token's broadcast activation, so there are no horizontal sums and a
+//! weight load serves 4 tokens. BF16 pairs are widened with shifts (no AVX512-BF16 here).
+//!
+//! # Safety
+//! The `unsafe fn`s need AVX2 + FMA + F16C (the table is built only after detecting them); the pointer
+//! contract is `packed::FloatTileFn`'s.
+
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use crate::cpu::isa::Kernels;
+use crate::cpu::packed::{FloatTiles, matmul_float};
+use crate::cpu::{KernelError, Pool, Scratch};
+use crate::quant::GgmlType;
+
+const F32: u8 = 0;
+const F16: u8 = 1;
+const BF16: u8 = 2;
+
+/// Independent accumulator sets (step `s` goes to set `s % SETS`), the same for every tile width: a
+/// token's sums are added in one order whether it runs alone or in a tile with others, so a sequence's
+/// logits do not depend on what else is in its batch. Two sets × 4 tokens fill half the 16 registers.
+const SETS: usize = 2;
+
+/// Halves `first..first + H` of a 16-row group × `T` tokens (arguments of `packed::FloatTileFn`). Decode
+/// (`T = 1`) runs both halves at once for more independent FMA chains; 4-token tiles one half per pass.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn halves<const KIND: u8, const T: usize, const H: usize>(
+    first: usize,
+    steps: usize,
+    w: *const u8,
+    a: *const u8,
+    a_stride: usize,
+    out: *mut f32,
+    out_stride: usize,
+    valid: usize,
+) {
+    let mut acc = [[[_mm256_setzero_ps(); T]; SETS]; H];
+    let high = _mm256_set1_epi32(-65536);
+    let mut s0 = 0;
+    while s0 < steps {
+        for u in 0..SETS {
+            let s = s0 + u;
+            if s >= steps {
+                break;
+            }
+            for h in 0..H {
+                let half = first + h;
+                // SAFETY: step `s` of the group (this half's 32 or 16 bytes) and of each token's
+                // activations exist (caller contract).
+                unsafe {
+                    if KIND == BF16 {
+                        // Lane r: (row r, column 2s) in the low half, (row r, column 2s+1) in the high.
+                        let wv = _mm256_loadu_si256(w.add(64 * s + 32 * half).cast());
+                        let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wv));
+                        let odd = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+                        for t in 0..T {
+                            let p = a.add(t * a_stride + 4 * s).cast::<u32>().read_unaligned();
+                            let x0 = _mm256_set1_ps(f32::from_bits(p << 16));
+                            let x1 = _mm256_set1_ps(f32::from_bits(p & 0xffff_0000));
+                            acc[h][u][t] = _mm256_fmadd_ps(even, x0, acc[h][u][t]);
+                            acc[h][u][t] = _mm256_fmadd_ps(odd, x1, acc[h][u][t]);
+                        }
+                    } else {
+                        let wv = if KIND == F32 {
+                            _mm256_loadu_ps(w.add(64 * s + 32 * half).cast())
+                        } else {
+                            _mm256_cvtph_ps(_mm_loadu_si128(w.add(32 * s + 16 * half).cast()))
+                        };
+                        for t in 0..T {
+                            let x = _mm256_set1_ps(
+                                a.add(t * a_stride + 4 * s).cast::<f32>().read_unaligned(),
+                            );
+                            acc[h][u][t] = _mm256_fmadd_ps(wv, x, acc[h][u][t]);
+                        }
+                    }
+                }
+            }
+        }
+        s0 += SETS;
+    }
+    for h in 0..H {
+        let rows = valid.saturating_sub(8 * (first + h)).min(8);
+        if rows == 0 {
+            continue;
+        }
+        for t in 0..T {
+            let mut sum = acc[h][0][t];
+            for u in 1..SETS {
+                sum = _mm256_add_ps(sum, acc[h][u][t]);
+            }
+            // SAFETY: the first `valid` outputs of each token row are writable (caller contract).
+            unsafe {
+                super::packed::store_rows(out.add(t * out_stride + 8 * (first + h)), sum, rows)
+            };
+        }
+    }
+}
+
+/// One 16-row group × `T` tokens (`packed::FloatTileFn`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn float_tile<const KIND: u8, const T: usize>(
+    steps: usize,
+    w: *const u8,
+    a: *const u8,
+    a_stride: usize,
+    out: *mut f32,
+    out_stride: usize,
+    valid: usize,
+) {
+    // SAFETY: forwarded contract; the halves cover rows 0..8 and 8..16 of the group.
+    unsafe {
+        if T == 1 {
+            halves::<KIND, T, 2>(0, steps, w, a, a_stride, out, out_stride, valid);
+        } else {
+            halves::<KIND, T, 1>(0, steps, w, a, a_stride, out, out_stride, valid);
+            if valid > 8 {
+                halves::<KIND, T, 1>(1, steps, w, a, a_stride, out, out_stride, valid);
+            }
+        }
+    }
+}
+
+/// `x` rounded to f16 and back (`FloatTiles::round_through_f16`).
+///
+/// # Safety
+/// AVX2 + F16C; `out.len() >= 4 * x.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn round_through_f16(x: &[f32], out: &mut [u8]) {
+    let mut i = 0;
+    while i + 8 <= x.len() {
+        // SAFETY: 8 values inside `x` and 32 bytes inside `out`.
+        unsafe {
+            let v = _mm256_loadu_ps(x.as_ptr().add(i));
+            let r = _mm256_cvtph_ps(_mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v));
+            _mm256_storeu_ps(out.as_mut_ptr().add(4 * i).cast(), r);
+        }
+        i += 8;
+    }
+    for (j, &v) in x.iter().enumerate().skip(i) {
+        out[4 * j..4 * j + 4].copy_from_slice(&half::f16::from_f32(v).to_f32().to_le_bytes());
+    }
+}
+
+macro_rules! tiles {
+    ($($name:ident: $kind:expr, $t:literal;)*) => {$(
+        /// # Safety
+        /// See `packed::FloatTileFn`.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name(
+            steps: usize, w: *const u8, a: *const u8, a_stride: usize, out: *mut f32, out_stride: usize,
+            valid: usize,
+        ) {
+            // SAFETY: forwarded contract.
+            unsafe { float_tile::<$kind, $t>(steps, w, a, a_stride, out, out_stride, valid) }
+        }
+    )*};
+}
+
+tiles! {
+    f32_t1: F32, 1;
+    f32_t4: F32, 4;
+    f16_t1: F16, 1;
+    f16_t4: F16, 4;
+    bf16_t1: BF16, 1;
+    bf16_t4: BF16, 4;
+}
+
+/// The AVX2 packed float matmul, called by the level's packed matmul for F32/F16/BF16.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    k: &Kernels,
+    pool: &Pool,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+) -> Result<(), KernelError> {
+    let (t1, t4) = match ty {
+        GgmlType::F32 => (f32_t1 as _, f32_t4 as _),
+        GgmlType::F16 => (f16_t1 as _, f16_t4 as _),
+        GgmlType::BF16 => (bf16_t1 as _, bf16_t4 as _),
+        _ => {
+            return Err(KernelError::Invalid(
+                "matmul_packed: type has no packed float layout",
+            ));
+        }
+    };
+    let tiles = FloatTiles {
+        t1,
+        t4,
+        round_through_f16,
+    };
+    matmul_float(
+        k, pool, ty, rows, cols, data, x, n_tokens, y, scratch, tiles,
+    )
+}

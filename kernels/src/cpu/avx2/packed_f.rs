@@ -20,13 +20,15 @@ const F32: u8 = 0;
 const F16: u8 = 1;
 const BF16: u8 = 2;
 
-/// Independent accumulator sets (step `s` goes to set `s % SETS`), the same for every tile width: a
-/// token's sums are added in one order whether it runs alone or in a tile with others, so a sequence's
-/// logits do not depend on what else is in its batch. Two sets × 4 tokens fill half the 16 registers.
-const SETS: usize = 2;
+/// Accumulator sets (step `s` goes to set `s % SETS`), the same for every tile width: a token's sums are
+/// added in one order whether it runs alone or in a tile with others, so a sequence's logits do not depend
+/// on what else is in its batch. One set: a 4-token tile over both halves already has 8 independent FMA
+/// chains, each activation broadcast feeds two of them, and 8 accumulators leave registers for the
+/// weights; decode's 2 chains still outrun memory. Two sets over one half at a time read F16 pp512 at
+/// 564 vs llama.cpp's 675 tok/s (AVX2, bench/RESULTS.md).
+const SETS: usize = 1;
 
-/// Halves `first..first + H` of a 16-row group × `T` tokens (arguments of `packed::FloatTileFn`). Decode
-/// (`T = 1`) runs both halves at once for more independent FMA chains; 4-token tiles one half per pass.
+/// Halves `first..first + H` of a 16-row group × `T` tokens (arguments of `packed::FloatTileFn`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -116,16 +118,7 @@ unsafe fn float_tile<const KIND: u8, const T: usize>(
     valid: usize,
 ) {
     // SAFETY: forwarded contract; the halves cover rows 0..8 and 8..16 of the group.
-    unsafe {
-        if T == 1 {
-            halves::<KIND, T, 2>(0, steps, w, a, a_stride, out, out_stride, valid);
-        } else {
-            halves::<KIND, T, 1>(0, steps, w, a, a_stride, out, out_stride, valid);
-            if valid > 8 {
-                halves::<KIND, T, 1>(1, steps, w, a, a_stride, out, out_stride, valid);
-            }
-        }
-    }
+    unsafe { halves::<KIND, T, 2>(0, steps, w, a, a_stride, out, out_stride, valid) };
 }
 
 /// `x` rounded to f16 and back (`FloatTiles::round_through_f16`).

@@ -20,91 +20,12 @@ const F32: u8 = 0;
 const F16: u8 = 1;
 const BF16: u8 = 2;
 
-/// Accumulator sets (step `s` goes to set `s % SETS`), the same for every tile width: a token's sums are
-/// added in one order whether it runs alone or in a tile with others, so a sequence's logits do not depend
-/// on what else is in its batch. One set: a 4-token tile over both halves already has 8 independent FMA
-/// chains, each activation broadcast feeds two of them, and 8 accumulators leave registers for the
-/// weights; decode's 2 chains still outrun memory. Two sets over one half at a time read F16 pp512 at
-/// 564 vs llama.cpp's 675 tok/s (AVX2, bench/RESULTS.md).
-const SETS: usize = 1;
-
-/// Halves `first..first + H` of a 16-row group × `T` tokens (arguments of `packed::FloatTileFn`).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn halves<const KIND: u8, const T: usize, const H: usize>(
-    first: usize,
-    steps: usize,
-    w: *const u8,
-    a: *const u8,
-    a_stride: usize,
-    out: *mut f32,
-    out_stride: usize,
-    valid: usize,
-) {
-    let mut acc = [[[_mm256_setzero_ps(); T]; SETS]; H];
-    let high = _mm256_set1_epi32(-65536);
-    let mut s0 = 0;
-    while s0 < steps {
-        for u in 0..SETS {
-            let s = s0 + u;
-            if s >= steps {
-                break;
-            }
-            for h in 0..H {
-                let half = first + h;
-                // SAFETY: step `s` of the group (this half's 32 or 16 bytes) and of each token's
-                // activations exist (caller contract).
-                unsafe {
-                    if KIND == BF16 {
-                        // Lane r: (row r, column 2s) in the low half, (row r, column 2s+1) in the high.
-                        let wv = _mm256_loadu_si256(w.add(64 * s + 32 * half).cast());
-                        let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wv));
-                        let odd = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
-                        for t in 0..T {
-                            let p = a.add(t * a_stride + 4 * s).cast::<u32>().read_unaligned();
-                            let x0 = _mm256_set1_ps(f32::from_bits(p << 16));
-                            let x1 = _mm256_set1_ps(f32::from_bits(p & 0xffff_0000));
-                            acc[h][u][t] = _mm256_fmadd_ps(even, x0, acc[h][u][t]);
-                            acc[h][u][t] = _mm256_fmadd_ps(odd, x1, acc[h][u][t]);
-                        }
-                    } else {
-                        let wv = if KIND == F32 {
-                            _mm256_loadu_ps(w.add(64 * s + 32 * half).cast())
-                        } else {
-                            _mm256_cvtph_ps(_mm_loadu_si128(w.add(32 * s + 16 * half).cast()))
-                        };
-                        for t in 0..T {
-                            let x = _mm256_set1_ps(
-                                a.add(t * a_stride + 4 * s).cast::<f32>().read_unaligned(),
-                            );
-                            acc[h][u][t] = _mm256_fmadd_ps(wv, x, acc[h][u][t]);
-                        }
-                    }
-                }
-            }
-        }
-        s0 += SETS;
-    }
-    for h in 0..H {
-        let rows = valid.saturating_sub(8 * (first + h)).min(8);
-        if rows == 0 {
-            continue;
-        }
-        for t in 0..T {
-            let mut sum = acc[h][0][t];
-            for u in 1..SETS {
-                sum = _mm256_add_ps(sum, acc[h][u][t]);
-            }
-            // SAFETY: the first `valid` outputs of each token row are writable (caller contract).
-            unsafe {
-                super::packed::store_rows(out.add(t * out_stride + 8 * (first + h)), sum, rows)
-            };
-        }
-    }
-}
-
-/// One 16-row group × `T` tokens (`packed::FloatTileFn`).
+/// One 16-row group × `T` tokens (`packed::FloatTileFn`): both 8-row halves per step, one accumulator
+/// per (half, token). A token's sums run in the same order whether it is alone or in a tile with others,
+/// so a sequence's logits do not depend on what else is in its batch. A 4-token tile has 8 independent
+/// FMA chains, each activation broadcast feeds two of them, and 8 accumulators leave registers for the
+/// weights; decode's 2 chains still outrun memory. (Two accumulator sets over one half at a time, as the
+/// AVX-512 tile does, read F16 pp512 at 564 vs llama.cpp's 675 tok/s; this tile ~600, bench/RESULTS.md.)
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -117,8 +38,51 @@ unsafe fn float_tile<const KIND: u8, const T: usize>(
     out_stride: usize,
     valid: usize,
 ) {
-    // SAFETY: forwarded contract; the halves cover rows 0..8 and 8..16 of the group.
-    unsafe { halves::<KIND, T, 2>(0, steps, w, a, a_stride, out, out_stride, valid) };
+    let mut acc = [[_mm256_setzero_ps(); T]; 2];
+    let high = _mm256_set1_epi32(-65536);
+    for s in 0..steps {
+        for h in 0..2 {
+            // SAFETY: step `s` of the group (half `h`'s 32 or 16 bytes) and of each token's activations
+            // exist (caller contract).
+            unsafe {
+                if KIND == BF16 {
+                    // Lane r: (row r, column 2s) in the low half, (row r, column 2s+1) in the high.
+                    let wv = _mm256_loadu_si256(w.add(64 * s + 32 * h).cast());
+                    let even = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wv));
+                    let odd = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+                    for t in 0..T {
+                        let p = a.add(t * a_stride + 4 * s).cast::<u32>().read_unaligned();
+                        let x0 = _mm256_set1_ps(f32::from_bits(p << 16));
+                        let x1 = _mm256_set1_ps(f32::from_bits(p & 0xffff_0000));
+                        acc[h][t] = _mm256_fmadd_ps(even, x0, acc[h][t]);
+                        acc[h][t] = _mm256_fmadd_ps(odd, x1, acc[h][t]);
+                    }
+                } else {
+                    let wv = if KIND == F32 {
+                        _mm256_loadu_ps(w.add(64 * s + 32 * h).cast())
+                    } else {
+                        _mm256_cvtph_ps(_mm_loadu_si128(w.add(32 * s + 16 * h).cast()))
+                    };
+                    for t in 0..T {
+                        let x = _mm256_set1_ps(
+                            a.add(t * a_stride + 4 * s).cast::<f32>().read_unaligned(),
+                        );
+                        acc[h][t] = _mm256_fmadd_ps(wv, x, acc[h][t]);
+                    }
+                }
+            }
+        }
+    }
+    for h in 0..2 {
+        let rows = valid.saturating_sub(8 * h).min(8);
+        if rows == 0 {
+            continue;
+        }
+        for t in 0..T {
+            // SAFETY: the first `valid` outputs of each token row are writable (caller contract).
+            unsafe { super::packed::store_rows(out.add(t * out_stride + 8 * h), acc[h][t], rows) };
+        }
+    }
 }
 
 /// `x` rounded to f16 and back (`FloatTiles::round_through_f16`).

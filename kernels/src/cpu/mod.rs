@@ -10,9 +10,9 @@
 //!
 //! # Use
 //! - Pack every weight matrix once at load time with [`PackedMatrix::new`] and multiply with
-//!   [`matmul_packed`]: on AVX-512 VNNI machines Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, F16, BF16 and F32 are
-//!   interleaved 16 rows at a time (4-5× faster than the GGUF layout for quantized decode, 3-4× for
-//!   prefill); other types and CPUs keep an owned GGUF-layout copy and the ordinary kernels. [`matmul`] on
+//!   [`matmul_packed`]: on AVX-512 VNNI and on AVX2 machines Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, F16, BF16 and
+//!   F32 are interleaved 16 rows at a time (4-5× faster than the GGUF layout for quantized decode, 3-4×
+//!   for prefill); other types and CPUs keep an owned GGUF-layout copy and the ordinary kernels. [`matmul`] on
 //!   a borrowed [`QMatrix`] (e.g. straight from the mmap) stays available and gives the same results up to
 //!   summation order.
 //! - Keep the embedding table as a [`QMatrix`] for [`get_row`] (bit-exact dequantization); a tied output

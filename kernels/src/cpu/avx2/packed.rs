@@ -35,14 +35,14 @@ const Q8_0: u8 = 2;
 /// The 4 activation bytes at `p` broadcast to every 32-bit lane.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn word(p: *const u8) -> __m256i {
+pub(super) unsafe fn word(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 4 readable bytes.
     _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load(p: *const u8) -> __m256i {
+pub(super) unsafe fn load(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 32 readable bytes.
     unsafe { _mm256_loadu_si256(p.cast()) }
 }
@@ -59,6 +59,32 @@ pub(super) unsafe fn store_rows(p: *mut f32, v: __m256, n: usize) {
         let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
         // SAFETY: the caller guarantees `n` writable floats; masked-off lanes are not touched.
         unsafe { _mm256_maskstore_ps(p, mask, v) };
+    }
+}
+
+/// Writes the first `valid` of a 16-row group's outputs for each of `T` tokens: rows 0..8 from
+/// `acc[0]`, 8..16 from `acc[1]`.
+///
+/// # Safety
+/// The first `valid` floats at `out + t * out_stride` are writable for every token `t < T`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn store_group<const T: usize>(
+    acc: [[__m256; T]; 2],
+    out: *mut f32,
+    out_stride: usize,
+    valid: usize,
+) {
+    for (half, rows) in acc.into_iter().enumerate() {
+        let n = valid.saturating_sub(8 * half).min(8);
+        if n == 0 {
+            continue;
+        }
+        for (t, v) in rows.into_iter().enumerate() {
+            // SAFETY: rows `8 * half .. 8 * half + n` of token `t` are among the first `valid` (caller
+            // contract).
+            unsafe { store_rows(out.add(t * out_stride + 8 * half), v, n) };
+        }
     }
 }
 

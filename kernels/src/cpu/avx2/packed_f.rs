@@ -73,16 +73,8 @@ unsafe fn float_tile<const KIND: u8, const T: usize>(
             }
         }
     }
-    for h in 0..2 {
-        let rows = valid.saturating_sub(8 * h).min(8);
-        if rows == 0 {
-            continue;
-        }
-        for t in 0..T {
-            // SAFETY: the first `valid` outputs of each token row are writable (caller contract).
-            unsafe { super::packed::store_rows(out.add(t * out_stride + 8 * h), acc[h][t], rows) };
-        }
-    }
+    // SAFETY: the first `valid` outputs of each token row are writable (caller contract).
+    unsafe { super::packed::store_group(acc, out, out_stride, valid) };
 }
 
 /// `x` rounded to f16 and back (`FloatTiles::round_through_f16`).

@@ -29,6 +29,8 @@ use crate::cpu::layout::Q8_K_BYTES;
 use crate::cpu::packed::{Q4K_QS, Q4K_SCALES, Q6K_QL, Q6K_SCALES};
 use crate::quant::GgmlType;
 
+use super::packed::{load, store_group as store, word};
+
 /// `aux` words per (token, super-block). Q4_K: `d`, then the sub-block activation sums as i16 pairs
 /// `(bs_0, bs_2)`, `(bs_1, bs_3)`, `(bs_4, bs_6)`, `(bs_5, bs_7)`, the order the tile unpacks the mins in
 /// (the AVX-512 tiles' format). Q6_K: none, its tile reads `d` and the 16 `bsums` straight from the Q8_K
@@ -39,21 +41,6 @@ const Q4K_REC: usize = Q4K_QS + 2048;
 const Q6K_REC: usize = Q6K_QL + 3072;
 /// Offset of the 16 i16 `bsums` in a Q8_K block.
 const Q8K_BSUMS: usize = 260;
-
-/// The 4 bytes at `p` in every 32-bit lane.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn word(p: *const u8) -> __m256i {
-    // SAFETY: the caller guarantees 4 readable bytes.
-    _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load(p: *const u8) -> __m256i {
-    // SAFETY: the caller guarantees 32 readable bytes.
-    unsafe { _mm256_loadu_si256(p.cast()) }
-}
 
 /// 8 f16 at `p` as f32.
 #[inline]
@@ -315,42 +302,6 @@ unsafe fn q6_k_tile<const T: usize>(
     }
     // SAFETY: forwarded contract (the first `valid` outputs of each token row are writable).
     unsafe { store(acc, out, out_stride, valid) };
-}
-
-/// Writes the first `valid` of the 16 rows of each token: rows 0..8 from `acc[0]`, 8..16 from `acc[1]`.
-///
-/// # Safety
-/// The first `valid` floats at `out + t * out_stride` are writable for every token `t < T`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn store<const T: usize>(
-    acc: [[__m256; T]; 2],
-    out: *mut f32,
-    out_stride: usize,
-    valid: usize,
-) {
-    for (half, rows) in acc.into_iter().enumerate() {
-        let n = valid.saturating_sub(8 * half).min(8);
-        if n == 0 {
-            continue;
-        }
-        let mask = _mm256_cmpgt_epi32(
-            _mm256_set1_epi32(n as i32),
-            _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
-        );
-        for (t, v) in rows.into_iter().enumerate() {
-            // SAFETY: rows `8 * half .. 8 * half + n` of token `t` are among the first `valid` (caller
-            // contract); the masked store touches no others.
-            unsafe {
-                let p = out.add(t * out_stride + 8 * half);
-                if n == 8 {
-                    _mm256_storeu_ps(p, v);
-                } else {
-                    _mm256_maskstore_ps(p, mask, v);
-                }
-            }
-        }
-    }
 }
 
 macro_rules! tiles {

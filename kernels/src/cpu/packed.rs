@@ -440,6 +440,76 @@ pub(crate) fn token_block(stride: usize) -> usize {
     ((256 << 10) / stride.max(1)).max(T_TILE) / T_TILE * T_TILE
 }
 
+/// Runs `tile(group, first_token, tokens)` over every 16-row group of a `rows`-row packed matrix and every
+/// token of `n_tokens` (activation rows of `stride` bytes) on the pool: 4-token tiles, then 1-token tails.
+/// Work items are (token block, run of row groups): a token block's activations stay in L1/L2 while every
+/// group of the run streams its weights past them. With `guided` and a single token block (decode, and
+/// batches up to ~100 tokens of a 2048-wide row: one pass over the matrix, bound by memory bandwidth),
+/// runs shrink with the work left, so each thread streams long contiguous runs first and the threads still
+/// finish together, instead of one waiting out the other's last equal-sized chunk.
+fn for_each_tile(
+    pool: &Pool,
+    rows: usize,
+    n_tokens: usize,
+    stride: usize,
+    guided: bool,
+    tile: impl Fn(usize, usize, usize) + Sync,
+) {
+    let groups = rows.div_ceil(GROUP);
+    let t_block = token_block(stride);
+    let n_tblocks = n_tokens.div_ceil(t_block);
+    let n_threads = pool.n_threads().max(1);
+    let per_thread = (groups * n_tblocks).div_ceil(n_threads);
+    let chunk = if n_threads <= 1 {
+        groups
+    } else {
+        (per_thread / 6).clamp(1, groups)
+    };
+    let n_gchunks = groups.div_ceil(chunk);
+    let n_items = n_tblocks * n_gchunks;
+    let guided = guided && n_tblocks == 1 && n_threads > 1;
+    let next = AtomicUsize::new(0);
+    let claim = || -> Option<(usize, std::ops::Range<usize>)> {
+        if guided {
+            let mut cur = next.load(Ordering::Relaxed);
+            loop {
+                if cur >= groups {
+                    return None;
+                }
+                let size = ((groups - cur) / (2 * n_threads)).max(1);
+                match next.compare_exchange_weak(
+                    cur,
+                    cur + size,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return Some((0, cur..cur + size)),
+                    Err(c) => cur = c,
+                }
+            }
+        }
+        let item = next.fetch_add(1, Ordering::Relaxed);
+        if item >= n_items {
+            return None;
+        }
+        let (tb, gc) = (item / n_gchunks, item % n_gchunks);
+        Some((tb, gc * chunk..((gc + 1) * chunk).min(groups)))
+    };
+    pool.run(|_, _| {
+        while let Some((tb, run)) = claim() {
+            let (t_lo, t_hi) = (tb * t_block, ((tb + 1) * t_block).min(n_tokens));
+            for g in run {
+                let mut t = t_lo;
+                while t < t_hi {
+                    let step = if t + T_TILE <= t_hi { T_TILE } else { 1 };
+                    tile(g, t, step);
+                    t += step;
+                }
+            }
+        }
+    });
+}
+
 /// The packed matmul of a quantized type with one level's `tiles`: converts the activations, fills the
 /// aux words, and runs the tiles over (token block, run of row groups) work items on the pool.
 #[allow(clippy::too_many_arguments)]
@@ -480,86 +550,25 @@ pub(crate) fn matmul_quant(
     k.quantize_tokens(pool, vt, x, n_tokens, cols, stride, &mut act);
     fill_aux(ty, &act, n_tokens, stride, nb, &mut scratch.aux);
     let (act_ref, aux) = (&act[..n_tokens * stride], &scratch.aux[..]);
-    // Work items are (token block, run of row groups). A token block's activations stay in L1/L2 while
-    // every group of the run streams its weights past them; within a group, 4-token tiles reuse each
-    // weight load.
-    let t_block = token_block(stride);
-    let n_tblocks = n_tokens.div_ceil(t_block);
-    let n_threads = pool.n_threads().max(1);
-    let per_thread = (groups * n_tblocks).div_ceil(n_threads);
-    let chunk = if n_threads <= 1 {
-        groups
-    } else {
-        (per_thread / 6).clamp(1, groups)
-    };
-    let n_gchunks = groups.div_ceil(chunk);
-    let n_items = n_tblocks * n_gchunks;
-    // One token block (decode, and batches of up to ~100 tokens of a 2048-wide row) is a single pass over
-    // the matrix, bound by memory bandwidth for one token: runs shrink with the work left (guided
-    // scheduling), so each thread streams long contiguous runs first and the threads still finish
-    // together, instead of one waiting out the other's last equal-sized chunk.
-    let guided = n_tblocks == 1 && n_threads > 1;
-    let next = AtomicUsize::new(0);
-    let claim = || -> Option<(usize, std::ops::Range<usize>)> {
-        if guided {
-            let mut cur = next.load(Ordering::Relaxed);
-            loop {
-                if cur >= groups {
-                    return None;
-                }
-                let size = ((groups - cur) / (2 * n_threads)).max(1);
-                match next.compare_exchange_weak(
-                    cur,
-                    cur + size,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => return Some((0, cur..cur + size)),
-                    Err(c) => cur = c,
-                }
-            }
-        }
-        let item = next.fetch_add(1, Ordering::Relaxed);
-        if item >= n_items {
-            return None;
-        }
-        let (tb, gc) = (item / n_gchunks, item % n_gchunks);
-        Some((tb, gc * chunk..((gc + 1) * chunk).min(groups)))
-    };
     let out = SharedOut(y.as_mut_ptr());
-    pool.run(|_, _| {
-        while let Some((tb, run)) = claim() {
-            let (t_lo, t_hi) = (tb * t_block, ((tb + 1) * t_block).min(n_tokens));
-            for g in run {
-                let wg = data[g * nb * rec..].as_ptr();
-                let valid = (rows - g * GROUP).min(GROUP);
-                let mut t = t_lo;
-                while t < t_hi {
-                    let (f, step) = if t + T_TILE <= t_hi {
-                        (t4, T_TILE)
-                    } else {
-                        (t1, 1)
-                    };
-                    // SAFETY: group `g` has `nb` records in `data` (length checked); tokens t..t+step have
-                    // `stride` activation bytes and `aux_words * nb` aux words each; outputs (t..,
-                    // g*16 .. g*16+valid) lie inside `y` and belong to this item only. The tiles come
-                    // from the table `k`, built only after its CPU features were detected.
-                    unsafe {
-                        f(
-                            nb,
-                            wg,
-                            act_ref.as_ptr().add(t * stride),
-                            stride,
-                            aux.as_ptr().add(t * aux_words * nb),
-                            out.get().add(t * rows + g * GROUP),
-                            rows,
-                            valid,
-                        )
-                    };
-                    t += step;
-                }
-            }
-        }
+    for_each_tile(pool, rows, n_tokens, stride, true, |g, t, step| {
+        let f = if step == T_TILE { t4 } else { t1 };
+        // SAFETY: group `g` has `nb` records in `data` (length checked); tokens t..t+step have `stride`
+        // activation bytes and `aux_words * nb` aux words each; outputs (t.., g*16 .. g*16+valid) lie
+        // inside `y` and belong to this tile only. The tiles come from the table `k`, built only after
+        // its CPU features were detected.
+        unsafe {
+            f(
+                nb,
+                data[g * nb * rec..].as_ptr(),
+                act_ref.as_ptr().add(t * stride),
+                stride,
+                aux.as_ptr().add(t * aux_words * nb),
+                out.get().add(t * rows + g * GROUP),
+                rows,
+                (rows - g * GROUP).min(GROUP),
+            )
+        };
     });
     scratch.act = act;
     Ok(())
@@ -635,54 +644,24 @@ pub(crate) fn matmul_float(
             &act[..n_tokens * stride]
         }
     };
-    let t_block = token_block(stride);
-    let n_tblocks = n_tokens.div_ceil(t_block);
-    let per_thread = (groups * n_tblocks).div_ceil(pool.n_threads().max(1));
-    let chunk = if pool.n_threads() <= 1 {
-        groups
-    } else {
-        (per_thread / 6).clamp(1, groups)
-    };
-    let n_gchunks = groups.div_ceil(chunk);
-    let n_items = n_tblocks * n_gchunks;
-    let next = AtomicUsize::new(0);
     let out = SharedOut(y.as_mut_ptr());
     let group_bytes = steps * step_bytes;
-    pool.run(|_, _| {
-        loop {
-            let item = next.fetch_add(1, Ordering::Relaxed);
-            if item >= n_items {
-                break;
-            }
-            let (tb, gc) = (item / n_gchunks, item % n_gchunks);
-            let (t_lo, t_hi) = (tb * t_block, ((tb + 1) * t_block).min(n_tokens));
-            for g in gc * chunk..((gc + 1) * chunk).min(groups) {
-                let valid = (rows - g * GROUP).min(GROUP);
-                let mut t = t_lo;
-                while t < t_hi {
-                    let (f, step) = if t + T_TILE <= t_hi {
-                        (t4, T_TILE)
-                    } else {
-                        (t1, 1)
-                    };
-                    // SAFETY: group `g` has `group_bytes` bytes in `data` (length checked); tokens t..t+step
-                    // have `stride` activation bytes; outputs (t.., g*16 .. g*16+valid) lie inside `y` and
-                    // belong to this item only. The tiles' features were detected with the table `k`.
-                    unsafe {
-                        f(
-                            steps,
-                            data.as_ptr().add(g * group_bytes),
-                            act_ref.as_ptr().add(t * stride),
-                            stride,
-                            out.get().add(t * rows + g * GROUP),
-                            rows,
-                            valid,
-                        )
-                    };
-                    t += step;
-                }
-            }
-        }
+    for_each_tile(pool, rows, n_tokens, stride, false, |g, t, step| {
+        let f = if step == T_TILE { t4 } else { t1 };
+        // SAFETY: group `g` has `group_bytes` bytes in `data` (length checked); tokens t..t+step have
+        // `stride` activation bytes; outputs (t.., g*16 .. g*16+valid) lie inside `y` and belong to this
+        // tile only. The tiles' features were detected with the table `k`.
+        unsafe {
+            f(
+                steps,
+                data.as_ptr().add(g * group_bytes),
+                act_ref.as_ptr().add(t * stride),
+                stride,
+                out.get().add(t * rows + g * GROUP),
+                rows,
+                (rows - g * GROUP).min(GROUP),
+            )
+        };
     });
     scratch.act = act;
     Ok(())

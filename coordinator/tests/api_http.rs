@@ -169,15 +169,19 @@ async fn completion_prompt_forms() {
         fake.model.tokenizer.encode("Hi", true, false).unwrap()
     );
     for (body, param) in [
-        (json!({"prompt": ["a", "b"]}), "prompt"),
-        (json!({"prompt": [[1], [2]]}), "prompt"),
         (json!({"prompt": []}), "prompt"),
+        (json!({"prompt": ["a", []]}), "prompt"),
+        (json!({"prompt": ["a", 5]}), "prompt"),
         (json!({"prompt": [1, -2]}), "prompt"),
         (json!({"prompt": [1, 100000]}), "prompt"),
         (json!({"prompt": 5}), "prompt"),
         (json!({}), "prompt"),
-        (json!({"prompt": "x", "n": 2}), "n"),
+        (json!({"prompt": "x", "n": 0}), "n"),
+        (json!({"prompt": "x", "n": 129}), "n"),
+        (json!({"prompt": ["x", "y"], "n": 65}), "n"),
+        (json!({"prompt": vec!["x"; 129]}), "prompt"),
         (json!({"prompt": "x", "best_of": 3}), "best_of"),
+        (json!({"prompt": "x", "n": 2, "best_of": 1}), "best_of"),
         (json!({"prompt": "x", "echo": true}), "echo"),
         (json!({"prompt": "x", "suffix": "y"}), "suffix"),
     ] {
@@ -185,6 +189,171 @@ async fn completion_prompt_forms() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {v}");
         assert_error(&v, param);
     }
+}
+
+/// The text of choice `i` of a whole response, and its finish reason.
+fn choice_text(v: &Value, i: usize) -> (String, String) {
+    let c = &v["choices"][i];
+    assert_eq!(c["index"], i, "{v}");
+    let text = c["text"]
+        .as_str()
+        .or_else(|| c["message"]["content"].as_str())
+        .unwrap_or_else(|| panic!("choice {i} has no text: {v}"));
+    (
+        text.to_owned(),
+        c["finish_reason"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// `n` and a batch of prompts: choice `p·n + j` is prompt `p` sampled with `seed + j`, and is exactly what
+/// that prompt and seed give in a request of its own; usage counts each prompt once.
+#[tokio::test]
+async fn several_choices_and_prompts() {
+    let (app, fake) = app();
+    // Temperature 1 over the fake's logits (script token +8 over a 32000-token vocabulary) makes every seed
+    // sample a different text.
+    let sampled = |prompt: Value, seed: u64| json!({"prompt": prompt, "max_tokens": 6, "temperature": 1.0, "seed": seed});
+    let alone = |prompt: &'static str, seed: u64| {
+        let app = app.clone();
+        async move {
+            let (status, v) = post(&app, "/v1/completions", sampled(json!(prompt), seed)).await;
+            assert_eq!(status, StatusCode::OK, "{v}");
+            choice_text(&v, 0)
+        }
+    };
+    let prompts = ["Hello", "Once upon a time"];
+    let mut want = Vec::new();
+    for p in prompts {
+        for j in 0..3 {
+            want.push(alone(p, 40 + j).await);
+        }
+    }
+    assert!(
+        want[0] != want[1] && want[1] != want[2],
+        "different seeds sample different texts: {want:?}"
+    );
+    fake.take_requests();
+
+    let mut body = sampled(json!(prompts), 40);
+    body["n"] = json!(3);
+    let (status, v) = post(&app, "/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let got: Vec<_> = (0..6).map(|i| choice_text(&v, i)).collect();
+    assert_eq!(got, want);
+    assert_eq!(v["choices"].as_array().unwrap().len(), 6);
+    let reqs = fake.take_requests();
+    let seeds: Vec<_> = reqs.iter().map(|r| r.params.seed).collect();
+    assert_eq!(seeds, [40, 41, 42, 40, 41, 42].map(Some));
+    let tok = &fake.model.tokenizer;
+    let prompt_tokens: usize = prompts
+        .iter()
+        .map(|p| tok.encode(p, true, false).unwrap().len())
+        .sum();
+    assert_eq!(reqs[3].prompt, tok.encode(prompts[1], true, false).unwrap());
+    assert_eq!(v["usage"]["prompt_tokens"], prompt_tokens, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 6 * 6, "{v}");
+    assert_eq!(v["usage"]["total_tokens"], prompt_tokens + 36, "{v}");
+
+    // Streamed: each choice's chunks carry its index and join to its whole text; one finish chunk per
+    // choice, then the usage of all of them and one [DONE].
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (status, _, events) = stream(&app, "/v1/completions", body).await;
+    assert_eq!(status, StatusCode::OK);
+    let chunks = json_chunks(&events);
+    let (usage, rest) = chunks.split_last().unwrap();
+    assert_eq!(usage["usage"], v["usage"]);
+    let mut texts = vec![String::new(); 6];
+    let mut finishes = vec![Vec::new(); 6];
+    for c in rest {
+        assert_eq!(c["choices"].as_array().unwrap().len(), 1, "{c}");
+        let choice = &c["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        texts[i].push_str(choice["text"].as_str().unwrap());
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finishes[i].push(f.to_owned());
+        }
+    }
+    let whole: Vec<_> = got
+        .iter()
+        .map(|(t, f)| (t.clone(), vec![f.clone()]))
+        .collect();
+    assert_eq!(texts.into_iter().zip(finishes).collect::<Vec<_>>(), whole);
+    assert_eq!(fake.take_requests().len(), 6);
+
+    // Chat: n choices, each stream opening with its own role chunk.
+    let (status, v) = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "n": 2, "max_tokens": 4, "seed": 7,
+               "temperature": 1.0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    let seeds: Vec<_> = fake.take_requests().iter().map(|r| r.params.seed).collect();
+    assert_eq!(seeds, [Some(7), Some(8)]);
+    let (_, _, events) = stream(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Hi"}], "n": 2, "max_tokens": 4, "seed": 7,
+               "temperature": 1.0, "stream": true}),
+    )
+    .await;
+    let chunks = json_chunks(&events);
+    let roles: Vec<_> = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["role"] == "assistant")
+        .map(|c| c["choices"][0]["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(roles, [0, 1]);
+    let mut texts = vec![String::new(); 2];
+    for c in &chunks {
+        let choice = &c["choices"][0];
+        if let Some(t) = choice["delta"]["content"].as_str() {
+            texts[choice["index"].as_u64().unwrap() as usize].push_str(t);
+        }
+    }
+    assert_eq!(texts, [choice_text(&v, 0).0, choice_text(&v, 1).0]);
+    assert_eq!(fake.finished.load(Ordering::SeqCst), 6 + 6 + 6 + 2 + 2);
+}
+
+/// A batch whose second prompt is too long names it; the first prompt's sequences are not left running.
+#[tokio::test]
+async fn batch_errors_name_the_prompt() {
+    let (app, fake) = app();
+    let long: Vec<u32> = vec![283; MAX_CONTEXT];
+    let (status, v) = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": [[283, 51], long], "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert_error(&v, "prompt");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("prompt 1 of the batch: "), "{message}");
+    assert!(fake.take_requests().is_empty(), "nothing was submitted");
+
+    // The scheduler refuses the second sequence (queue full): the answer is 429 and the first sequence,
+    // already running, is cancelled.
+    {
+        let mut config = fake.config.lock().unwrap();
+        config.token_delay = Duration::from_millis(20);
+        config.submit_error = Some(ServeError::Overloaded("queue full".into()));
+        config.submits_before_error = 1;
+    }
+    let (status, v) = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": ["Hello", "Hi"], "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(fake.take_requests().len(), 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fake.cancelled.load(Ordering::SeqCst), 1);
+    assert_eq!(fake.finished.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
@@ -605,7 +774,8 @@ async fn bad_requests_name_the_field() {
             json!({"messages": msgs, "stream_options": {"include_usage": 1}}),
             "stream_options.include_usage",
         ),
-        (json!({"messages": msgs, "n": 2}), "n"),
+        (json!({"messages": msgs, "n": 0}), "n"),
+        (json!({"messages": msgs, "n": 1000}), "n"),
         (
             json!({"messages": msgs, "tools": [{"type": "function"}]}),
             "tools",
@@ -938,6 +1108,13 @@ async fn openai_python_client() {
         );
     }
     assert_eq!(v["chat_stream"]["role"], "assistant");
+    assert_eq!(
+        v["batch"]["texts"],
+        json!([SCRIPT, SCRIPT, SCRIPT, SCRIPT]),
+        "{v}"
+    );
+    assert_eq!(v["batch"]["indexes"], json!([0, 1, 2, 3]), "{v}");
+    assert_eq!(v["batch_matches"], true, "{v}");
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();
 }

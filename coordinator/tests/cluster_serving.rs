@@ -201,6 +201,9 @@ fn real_clients_against_a_pipeline_cluster() {
         assert!(!v["chat"]["text"].as_str().unwrap().is_empty());
         assert_eq!(v["chat_stream"]["role"].as_str(), Some("assistant"));
         assert_eq!(v["stream_matches"]["chat"], Value::Bool(true));
+        // A batch of two prompts with n = 2: each choice is its prompt's lone completion.
+        assert_eq!(v["batch"]["texts"][0].as_str(), Some(single.as_str()));
+        assert_eq!(v["batch_matches"], Value::Bool(true), "{v}");
     }
     if have("grpcurl", &["-version"]) {
         let out = Command::new("bash")

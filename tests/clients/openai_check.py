@@ -2,17 +2,25 @@
 """Drives a Tessera server's OpenAI-compatible API with the official `openai` Python package.
 
 Runs, greedy (temperature 0) with a fixed seed: GET /v1/models, a chat completion, a streaming chat completion
-(with stream_options.include_usage), a completion and a streaming completion. Prints one JSON object:
+(with stream_options.include_usage), a completion and a streaming completion, then a batch of two prompts with
+n=2 (whole and streamed) and the second prompt alone. Prints one JSON object:
 
     {"models": [...],
      "chat": {"text", "finish_reason", "usage"},
      "chat_stream": {"text", "finish_reason", "role", "usage", "chunks"},
      "completion": {"text", "finish_reason", "usage"},
      "completion_stream": {"text", "finish_reason", "usage", "chunks"},
-     "stream_matches": {"chat": bool, "completion": bool}}
+     "completion2": {"text", "finish_reason", "usage"},
+     "batch": {"texts", "usage"}, "batch_stream": {"texts", "usage"},
+     "stream_matches": {"chat": bool, "completion": bool},
+     "batch_matches": bool}
+
+batch_matches: the batch's four choices (prompt-major) are the two prompts' lone completions, each twice,
+streamed and whole, and its usage counts each prompt once.
 
 Exits 1 on any client error (connection, HTTP error status, a malformed response the client cannot parse),
-2 with --strict when a streamed text differs from the non-streamed one or a stream lacks its finish reason.
+2 with --strict when a streamed text differs from the non-streamed one, a stream lacks its finish reason, or
+the batch does not match.
 
     pip install openai
     python3 tests/clients/openai_check.py --base-url http://127.0.0.1:8080 --model SmolLM2-135M-Instruct
@@ -35,6 +43,7 @@ def main() -> int:
     ap.add_argument("--base-url", required=True, help="server root or its /v1 URL")
     ap.add_argument("--model", required=True, help="the served model id")
     ap.add_argument("--prompt", default="The capital of France is")
+    ap.add_argument("--prompt2", default="The largest planet in the solar system is")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
@@ -106,6 +115,35 @@ def main() -> int:
             "usage": usage,
             "chunks": chunks,
         }
+
+        r = client.completions.create(prompt=args.prompt2, **common)
+        out["completion2"] = {
+            "text": r.choices[0].text,
+            "finish_reason": r.choices[0].finish_reason,
+            "usage": usage_dict(r.usage),
+        }
+
+        r = client.completions.create(prompt=[args.prompt, args.prompt2], n=2, **common)
+        out["batch"] = {
+            "texts": [c.text for c in sorted(r.choices, key=lambda c: c.index)],
+            "indexes": [c.index for c in r.choices],
+            "usage": usage_dict(r.usage),
+        }
+
+        texts, usage = {}, None
+        stream = client.completions.create(
+            prompt=[args.prompt, args.prompt2],
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            **common,
+        )
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = usage_dict(chunk.usage)
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+        out["batch_stream"] = {"texts": [texts[i] for i in sorted(texts)], "usage": usage}
     except openai.OpenAIError as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}", "partial": out}), file=sys.stderr)
         return 1
@@ -116,9 +154,20 @@ def main() -> int:
         "completion": out["completion"]["text"] == out["completion_stream"]["text"]
         and out["completion"]["finish_reason"] == out["completion_stream"]["finish_reason"],
     }
+    alone = [out["completion"]["text"]] * 2 + [out["completion2"]["text"]] * 2
+    prompt_tokens = out["completion"]["usage"]["prompt_tokens"] + out["completion2"]["usage"]["prompt_tokens"]
+    out["batch_matches"] = (
+        out["batch"]["texts"] == alone
+        and out["batch_stream"]["texts"] == alone
+        and out["batch"]["usage"]["prompt_tokens"] == prompt_tokens
+        and out["batch_stream"]["usage"] == out["batch"]["usage"]
+    )
     print(json.dumps(out))
     if args.strict and not all(out["stream_matches"].values()):
         print("streamed and whole responses differ", file=sys.stderr)
+        return 2
+    if args.strict and not out["batch_matches"]:
+        print("the batch's choices differ from the prompts' lone completions", file=sys.stderr)
         return 2
     return 0
 

@@ -4,6 +4,7 @@
 //!   plus `GET /health` and `GET /metrics` (axum).
 //! - [`grpc`]: the `tessera.v1.Tessera` gRPC service, `grpc.health.v1.Health`, and server reflection v1 and
 //!   v1alpha (tonic).
+//! - [`choices`]: a request's prompts × `n` sequences as scheduler requests, their events merged.
 //! - [`prompt`]: request → prompt token ids (completion text, chat messages, token ids), shared by both and by
 //!   `tessera run`.
 //! - [`metrics`]: the process-wide Prometheus recorder.
@@ -16,6 +17,7 @@
 //! To print real addresses when port 0 is asked for, bind first ([`bind`]), read `local_addr`, then
 //! [`serve_http`] / [`serve_grpc`] on the listeners; [`serve`] does all of it.
 
+pub mod choices;
 pub mod grpc;
 pub mod metrics;
 pub mod openai;

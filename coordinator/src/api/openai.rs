@@ -1,8 +1,8 @@
 //! The OpenAI-compatible HTTP API, as clients of OpenAI, vLLM, TGI and llama.cpp's server expect it.
 //!
 //! Routes:
-//! - `POST /v1/completions`: `prompt` is a string or an array of token ids (an array holding exactly one
-//!   string or one id array is accepted too; several prompts are a 400 on `prompt`).
+//! - `POST /v1/completions`: `prompt` is a string, an array of token ids, or a batch: an array of strings or
+//!   of token-id arrays. Each prompt is its own sequence; choice `p·n + j` is prompt `p`'s `j`-th sample.
 //! - `POST /v1/chat/completions`: `messages` with roles system / user / assistant (`developer` = system),
 //!   content a string or an array of `{"type": "text", "text": …}` parts (joined with "\n").
 //! - `GET /v1/models`, `GET /v1/models/{id}`: the one served model.
@@ -14,8 +14,11 @@
 //! `max_completion_tokens` (both given: the smaller wins; completions default to 16 as OpenAI's, chat to "until
 //! end of generation or the context is full"), `stop` (string or array), `seed`, `temperature`, `top_p`,
 //! `frequency_penalty`, `presence_penalty`, `logit_bias` (token-id strings → bias), `logprobs` (completions:
-//! integer 0..=20; chat: bool, with `top_logprobs` 0..=20), `stream`, `stream_options.include_usage`, `n` and
-//! `best_of` (must be 1), `user` (ignored), and the extensions `top_k` (-1 or 0 = off), `min_p`,
+//! integer 0..=20; chat: bool, with `top_logprobs` 0..=20), `stream`, `stream_options.include_usage`, `n`
+//! (choices per prompt, at most [`MAX_CHOICES`] sequences per request; with a `seed`, choice `j` samples with
+//! `seed + j`, so choice 0 is what the same request with `n = 1` gives and a batch of prompts gives what each
+//! prompt gives alone), `best_of` (equal to `n` when given: every sequence generated is returned), `user`
+//! (ignored), and the extensions `top_k` (-1 or 0 = off), `min_p`,
 //! `repetition_penalty`. Unknown fields are ignored (clients send many); `echo: true`, a `suffix`, `tools` /
 //! `functions` and a `response_format` other than text are refused with a 400 naming the field.
 //!
@@ -43,18 +46,21 @@ use axum::routing::{get, post};
 use futures::Stream;
 use serde_json::{Map, Value, json};
 
+use super::choices::{self, Choices};
 use super::prompt::{self, PromptInput};
 use super::{AppState, metrics as api_metrics};
 use crate::chat::ChatMessage;
 use crate::generate::FinishReason;
 use crate::sampling::{MAX_LOGPROBS, SamplingParams};
-use crate::serve::{GenEvent, GenReceiver, GenRequest, ServeError, TokenEvent, Usage};
+use crate::serve::{GenEvent, ServeError, TokenEvent, Usage};
 use crate::tokenizer::Tokenizer;
 
 /// Largest request body accepted (a long prompt as a JSON array of token ids is a few MB).
 pub const MAX_BODY_BYTES: usize = 32 << 20;
 /// `max_tokens` of a completion request that gives none (OpenAI's default).
 pub const DEFAULT_COMPLETION_MAX_TOKENS: usize = 16;
+/// Most sequences one request may ask for (prompts × `n`; OpenAI's limit on `n`).
+pub const MAX_CHOICES: usize = 128;
 
 /// The HTTP API's router (tests drive it with `tower::ServiceExt::oneshot`).
 pub fn router(state: Arc<AppState>) -> Router {
@@ -333,29 +339,35 @@ enum Kind {
 /// A parsed request: what to continue and how.
 #[derive(Debug)]
 struct Parsed {
-    input: PromptInput,
+    /// One per prompt (a chat request has one).
+    inputs: Vec<PromptInput>,
+    common: Common,
+}
+
+/// The fields completions and chat completions share.
+#[derive(Debug)]
+struct Common {
     params: SamplingParams,
+    /// Choices per prompt.
+    n: usize,
     stream: bool,
     include_usage: bool,
 }
 
-/// Fields shared by completions and chat completions.
-fn parse_common(
-    f: &mut Fields,
-    state: &AppState,
-    kind: Kind,
-) -> Result<(SamplingParams, bool, bool), ApiError> {
+fn parse_common(f: &mut Fields, state: &AppState, kind: Kind) -> Result<Common, ApiError> {
     if let Some(model) = f.string("model")? {
         state.check_model(&model)?;
     }
-    if let Some(n) = f.uint("n")?
-        && n != 1
-    {
-        return Err(ApiError::field(
-            "n",
-            format!("`n` must be 1 (one choice per request), got {n}"),
-        ));
-    }
+    let n = match f.uint("n")? {
+        None => 1,
+        Some(n) if (1..=MAX_CHOICES as u64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::field(
+                "n",
+                format!("`n` must be in [1, {MAX_CHOICES}], got {n}"),
+            ));
+        }
+    };
     let _ = f.take("user");
     let mut max_tokens = None;
     for key in ["max_tokens", "max_completion_tokens"] {
@@ -472,14 +484,19 @@ fn parse_common(
         },
         Some(other) => return Err(type_error("stream_options", "an object", &other)),
     };
-    Ok((params, stream, include_usage))
+    Ok(Common {
+        params,
+        n,
+        stream,
+        include_usage,
+    })
 }
 
 fn parse_completion(body: Map<String, Value>, state: &AppState) -> Result<Parsed, ApiError> {
     let mut f = Fields(body);
-    let input = match f.take("prompt") {
+    let inputs = match f.take("prompt") {
         None => return Err(ApiError::field("prompt", "`prompt` is required")),
-        Some(v) => parse_prompt(v)?,
+        Some(v) => parse_prompts(v)?,
     };
     if f.bool("echo")? == Some(true) {
         return Err(ApiError::field("echo", "`echo` is not supported"));
@@ -487,23 +504,33 @@ fn parse_completion(body: Map<String, Value>, state: &AppState) -> Result<Parsed
     if f.string("suffix")?.is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::field("suffix", "`suffix` is not supported"));
     }
-    if let Some(n) = f.uint("best_of")?
-        && n != 1
+    let best_of = f.uint("best_of")?;
+    let logprobs = f.uint("logprobs")?;
+    let mut common = parse_common(&mut f, state, Kind::Completion)?;
+    if let Some(b) = best_of
+        && b != common.n as u64
     {
         return Err(ApiError::field(
             "best_of",
-            format!("`best_of` must be 1, got {n}"),
+            format!(
+                "`best_of` must equal `n` ({}), got {b}: this server returns every sequence it generates",
+                common.n
+            ),
         ));
     }
-    let logprobs = f.uint("logprobs")?;
-    let (mut params, stream, include_usage) = parse_common(&mut f, state, Kind::Completion)?;
-    params.logprobs = logprobs.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-    Ok(Parsed {
-        input,
-        params,
-        stream,
-        include_usage,
-    })
+    if inputs.len() * common.n > MAX_CHOICES {
+        return Err(ApiError::field(
+            if common.n > 1 { "n" } else { "prompt" },
+            format!(
+                "{} prompts × `n` = {} asks for {} sequences; one request may ask for at most {MAX_CHOICES}",
+                inputs.len(),
+                common.n,
+                inputs.len() * common.n
+            ),
+        ));
+    }
+    common.params.logprobs = logprobs.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    Ok(Parsed { inputs, common })
 }
 
 fn token_ids(items: Vec<Value>) -> Result<Vec<u32>, ApiError> {
@@ -517,25 +544,39 @@ fn token_ids(items: Vec<Value>) -> Result<Vec<u32>, ApiError> {
         .collect()
 }
 
-fn parse_prompt(v: Value) -> Result<PromptInput, ApiError> {
-    const WHAT: &str = "a string or an array of token ids";
-    let batched = || {
-        ApiError::field(
-            "prompt",
-            "`prompt` holds several prompts; this server takes one prompt per request",
-        )
+/// `prompt`: a string, an array of token ids, or a batch (an array of strings or of token-id arrays).
+fn parse_prompts(v: Value) -> Result<Vec<PromptInput>, ApiError> {
+    const WHAT: &str =
+        "a string, an array of token ids, or an array of strings or of token-id arrays";
+    let Value::Array(items) = v else {
+        return match v {
+            Value::String(s) => Ok(vec![PromptInput::Text(s)]),
+            other => Err(type_error("prompt", WHAT, &other)),
+        };
     };
-    match v {
-        Value::String(s) => Ok(PromptInput::Text(s)),
-        Value::Array(items) => match items.first() {
-            None => Err(ApiError::field("prompt", "`prompt` must not be empty")),
-            Some(Value::Number(_)) => Ok(PromptInput::Tokens(token_ids(items)?)),
-            Some(Value::String(_)) | Some(Value::Array(_)) if items.len() > 1 => Err(batched()),
-            Some(Value::String(s)) => Ok(PromptInput::Text(s.clone())),
-            Some(Value::Array(inner)) => Ok(PromptInput::Tokens(token_ids(inner.clone())?)),
-            Some(other) => Err(type_error("prompt", WHAT, other)),
-        },
-        other => Err(type_error("prompt", WHAT, &other)),
+    match items.first() {
+        None => Err(ApiError::field("prompt", "`prompt` must not be empty")),
+        Some(Value::Number(_)) => Ok(vec![PromptInput::Tokens(token_ids(items)?)]),
+        Some(Value::String(_) | Value::Array(_)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::String(s) => Ok(PromptInput::Text(s)),
+                Value::Array(ids) if ids.is_empty() => Err(ApiError::field(
+                    "prompt",
+                    format!("`prompt[{i}]` must not be empty"),
+                )),
+                Value::Array(ids) => Ok(PromptInput::Tokens(token_ids(ids)?)),
+                other => Err(ApiError::field(
+                    "prompt",
+                    format!(
+                        "`prompt[{i}]` must be a string or an array of token ids, got {}",
+                        describe(&other)
+                    ),
+                )),
+            })
+            .collect(),
+        Some(other) => Err(type_error("prompt", WHAT, other)),
     }
 }
 
@@ -580,13 +621,11 @@ fn parse_chat(body: Map<String, Value>, state: &AppState) -> Result<Parsed, ApiE
             ));
         }
     }
-    let (mut params, stream, include_usage) = parse_common(&mut f, state, Kind::Chat)?;
-    params.logprobs = logprobs.then(|| top_logprobs.unwrap_or(0) as usize);
+    let mut common = parse_common(&mut f, state, Kind::Chat)?;
+    common.params.logprobs = logprobs.then(|| top_logprobs.unwrap_or(0) as usize);
     Ok(Parsed {
-        input: PromptInput::Chat(messages),
-        params,
-        stream,
-        include_usage,
+        inputs: vec![PromptInput::Chat(messages)],
+        common,
     })
 }
 
@@ -704,22 +743,32 @@ fn rename_fields(e: ServeError, kind: Kind) -> ServeError {
 }
 
 async fn generate(state: Arc<AppState>, parsed: Parsed, kind: Kind) -> Result<Response, ApiError> {
+    let Parsed { inputs, common } = parsed;
     state
-        .validate_params(&parsed.params)
+        .validate_params(&common.params)
         .map_err(|e| rename_fields(e, kind))?;
-    let prompt_ids = prompt::build_prompt(&state.model, &parsed.input)?;
+    let batch = inputs.len() > 1;
+    let prompts = inputs
+        .iter()
+        .enumerate()
+        .map(|(p, input)| {
+            prompt::build_prompt(&state.model, input).map_err(|e| match e {
+                ServeError::InvalidArgument { field, message } if batch => {
+                    ApiError::field(&field, format!("prompt {p} of the batch: {message}"))
+                }
+                e => e.into(),
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     tracing::debug!(
         kind = ?kind,
-        prompt_tokens = prompt_ids.len(),
-        stream = parsed.stream,
+        prompts = prompts.len(),
+        n = common.n,
+        prompt_tokens = prompts.iter().map(Vec::len).sum::<usize>(),
+        stream = common.stream,
         "submitting a request"
     );
-    let mut rx = state
-        .scheduler
-        .submit(GenRequest {
-            prompt: prompt_ids,
-            params: parsed.params.clone(),
-        })
+    let mut choices = choices::submit(state.scheduler.as_ref(), prompts, common.n, &common.params)
         .map_err(|e| rename_fields(e, kind))?;
     let mut out = Responder {
         id: super::request_id(match kind {
@@ -729,51 +778,47 @@ async fn generate(state: Arc<AppState>, parsed: Parsed, kind: Kind) -> Result<Re
         created: super::unix_now(),
         model: state.model.id.clone(),
         kind,
-        logprobs: parsed.params.logprobs.is_some(),
-        include_usage: parsed.include_usage,
+        logprobs: common.params.logprobs.is_some(),
+        include_usage: common.include_usage,
         tokenizer: state.model.tokenizer.clone(),
-        text_offset: 0,
+        text_offset: vec![0; choices.len()],
     };
-    if !parsed.stream {
-        let mut text = String::new();
-        let mut tokens = Vec::new();
-        loop {
-            match rx.recv().await {
-                Some(GenEvent::Token(t)) => {
-                    text.push_str(&t.text);
-                    tokens.push(t);
+    if !common.stream {
+        let mut done: Vec<Choice> = (0..choices.len()).map(|_| Choice::default()).collect();
+        while let Some((i, ev)) = choices.next().await {
+            match ev {
+                GenEvent::Token(t) => {
+                    done[i].text.push_str(&t.text);
+                    done[i].tokens.push(t);
                 }
-                Some(GenEvent::Done {
-                    finish,
-                    usage,
-                    text: tail,
-                }) => {
-                    text.push_str(&tail);
-                    return Ok(axum::Json(out.whole(&text, &tokens, finish, usage)).into_response());
+                GenEvent::Done { finish, text, .. } => {
+                    done[i].text.push_str(&text);
+                    done[i].finish = Some(finish);
                 }
-                Some(GenEvent::Error(e)) => return Err(rename_fields(e, kind).into()),
-                None => return Err(ended_early().into()),
+                GenEvent::Error(e) => return Err(rename_fields(e, kind).into()),
             }
         }
+        return Ok(axum::Json(out.whole(&done, choices.usage())).into_response());
     }
     // Wait for the first event so that an error before any token gets its HTTP status.
-    let first = rx.recv().await;
-    let first = match first {
-        Some(GenEvent::Error(e)) => return Err(rename_fields(e, kind).into()),
-        None => return Err(ended_early().into()),
+    let first = match choices.next().await {
+        Some((_, GenEvent::Error(e))) => return Err(rename_fields(e, kind).into()),
+        None => return Err(choices::ended_early().into()),
         Some(ev) => ev,
     };
     let mut pending = VecDeque::new();
     if kind == Kind::Chat {
-        pending.push_back(out.data(&out.chunk(json!({
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": null,
-            "finish_reason": null,
-        }))));
+        for i in 0..choices.len() {
+            pending.push_back(out.data(&out.chunk(json!({
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": null,
+                "finish_reason": null,
+            }))));
+        }
     }
     let mut sse = SseState {
-        rx,
+        choices,
         out,
         pending,
         done: false,
@@ -782,10 +827,6 @@ async fn generate(state: Arc<AppState>, parsed: Parsed, kind: Kind) -> Result<Re
     Ok(Sse::new(sse.into_stream())
         .keep_alive(KeepAlive::default())
         .into_response())
-}
-
-fn ended_early() -> ServeError {
-    ServeError::Internal("the scheduler ended the request without a result".into())
 }
 
 fn finish_reason(f: FinishReason) -> &'static str {
@@ -803,6 +844,14 @@ fn usage_json(u: Usage) -> Value {
     })
 }
 
+/// One finished choice of a non-streamed response.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    tokens: Vec<TokenEvent>,
+    finish: Option<FinishReason>,
+}
+
 /// Builds response objects and stream chunks of one request.
 struct Responder {
     id: String,
@@ -812,8 +861,8 @@ struct Responder {
     logprobs: bool,
     include_usage: bool,
     tokenizer: Arc<Tokenizer>,
-    /// Characters of token text so far (completions' `text_offset`).
-    text_offset: usize,
+    /// Characters of token text so far, per choice (completions' `text_offset`).
+    text_offset: Vec<usize>,
 }
 
 impl Responder {
@@ -830,40 +879,42 @@ impl Responder {
     }
 
     /// The whole (non-streamed) response.
-    fn whole(
-        &mut self,
-        text: &str,
-        tokens: &[TokenEvent],
-        finish: FinishReason,
-        usage: Usage,
-    ) -> Value {
-        let logprobs = self.logprobs(tokens);
-        let choice = match self.kind {
-            Kind::Completion => json!({
-                "index": 0,
-                "text": text,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason(finish),
-            }),
-            Kind::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish_reason(finish),
-            }),
-        };
+    fn whole(&mut self, choices: &[Choice], usage: Usage) -> Value {
+        let choices: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let logprobs = self.logprobs(i, &c.tokens);
+                // Every choice has its `Done` once `Choices::next` has ended without an error.
+                let finish = c.finish.map(finish_reason);
+                match self.kind {
+                    Kind::Completion => json!({
+                        "index": i,
+                        "text": c.text,
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                    }),
+                    Kind::Chat => json!({
+                        "index": i,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                    }),
+                }
+            })
+            .collect();
         json!({
             "id": self.id,
             "object": self.object(false),
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
+            "choices": choices,
             "usage": usage_json(usage),
         })
     }
 
-    /// `logprobs` of a choice for `tokens` (`null` when the request did not ask).
-    fn logprobs(&mut self, tokens: &[TokenEvent]) -> Value {
+    /// `logprobs` of choice `i` for `tokens` (`null` when the request did not ask).
+    fn logprobs(&mut self, i: usize, tokens: &[TokenEvent]) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
@@ -874,8 +925,8 @@ impl Responder {
                 let mut tops = Vec::with_capacity(tokens.len());
                 for t in tokens {
                     let text = self.token_text(t.id);
-                    offsets.push(self.text_offset);
-                    self.text_offset += text.chars().count();
+                    offsets.push(self.text_offset[i]);
+                    self.text_offset[i] += text.chars().count();
                     texts.push(text);
                     let top: Map<String, Value> = t
                         .top_logprobs
@@ -932,18 +983,18 @@ impl Responder {
         c
     }
 
-    fn text_chunk(&mut self, text: &str, tokens: &[TokenEvent]) -> Value {
+    fn text_chunk(&mut self, i: usize, text: &str, tokens: &[TokenEvent]) -> Value {
         let logprobs = if tokens.is_empty() {
             Value::Null
         } else {
-            self.logprobs(tokens)
+            self.logprobs(i, tokens)
         };
         self.chunk(match self.kind {
             Kind::Completion => json!({
-                "index": 0, "text": text, "logprobs": logprobs, "finish_reason": null,
+                "index": i, "text": text, "logprobs": logprobs, "finish_reason": null,
             }),
             Kind::Chat => json!({
-                "index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null,
+                "index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null,
             }),
         })
     }
@@ -953,44 +1004,44 @@ impl Responder {
     }
 }
 
-/// The SSE stream of one request: owns the event receiver, so dropping the response body (the client went
-/// away) cancels the request.
+/// The SSE stream of one request: owns its choices' receivers, so dropping the response body (the client
+/// went away) cancels every sequence of the request.
 struct SseState {
-    rx: GenReceiver,
+    choices: Choices,
     out: Responder,
     pending: VecDeque<Event>,
     done: bool,
 }
 
 impl SseState {
-    fn on_event(&mut self, ev: Option<GenEvent>) {
+    fn on_event(&mut self, ev: Option<(usize, GenEvent)>) {
         match ev {
-            Some(GenEvent::Token(t)) => {
+            Some((i, GenEvent::Token(t))) => {
                 if !t.text.is_empty() || self.out.logprobs {
                     let text = t.text.clone();
-                    let chunk = self.out.text_chunk(&text, std::slice::from_ref(&t));
+                    let chunk = self.out.text_chunk(i, &text, std::slice::from_ref(&t));
                     self.pending.push_back(self.out.data(&chunk));
                 }
             }
-            Some(GenEvent::Done {
-                finish,
-                usage,
-                text,
-            }) => {
+            Some((i, GenEvent::Done { finish, text, .. })) => {
                 if !text.is_empty() {
-                    let chunk = self.out.text_chunk(&text, &[]);
+                    let chunk = self.out.text_chunk(i, &text, &[]);
                     self.pending.push_back(self.out.data(&chunk));
                 }
                 let last = match self.out.kind {
                     Kind::Completion => json!({
-                        "index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason(finish),
+                        "index": i, "text": "", "logprobs": null, "finish_reason": finish_reason(finish),
                     }),
                     Kind::Chat => json!({
-                        "index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(finish),
+                        "index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(finish),
                     }),
                 };
                 let last = self.out.chunk(last);
                 self.pending.push_back(self.out.data(&last));
+            }
+            Some((_, GenEvent::Error(e))) => self.fail(rename_fields(e, self.out.kind)),
+            // Every choice is done.
+            None => {
                 if self.out.include_usage {
                     let u = json!({
                         "id": self.out.id,
@@ -998,15 +1049,13 @@ impl SseState {
                         "created": self.out.created,
                         "model": self.out.model,
                         "choices": [],
-                        "usage": usage_json(usage),
+                        "usage": usage_json(self.choices.usage()),
                     });
                     self.pending.push_back(self.out.data(&u));
                 }
                 self.pending.push_back(Event::default().data("[DONE]"));
                 self.done = true;
             }
-            Some(GenEvent::Error(e)) => self.fail(rename_fields(e, self.out.kind)),
-            None => self.fail(ended_early()),
         }
     }
 
@@ -1026,7 +1075,7 @@ impl SseState {
                 if st.done {
                     return None;
                 }
-                let ev = st.rx.recv().await;
+                let ev = st.choices.next().await;
                 st.on_event(ev);
             }
         })
@@ -1111,32 +1160,39 @@ mod tests {
 
     #[test]
     fn prompt_forms() {
-        assert_eq!(
-            parse_prompt(json!("hi")).unwrap(),
-            PromptInput::Text("hi".into())
-        );
-        assert_eq!(
-            parse_prompt(json!(["hi"])).unwrap(),
-            PromptInput::Text("hi".into())
-        );
-        assert_eq!(
-            parse_prompt(json!([1, 2])).unwrap(),
-            PromptInput::Tokens(vec![1, 2])
-        );
-        assert_eq!(
-            parse_prompt(json!([[1, 2]])).unwrap(),
-            PromptInput::Tokens(vec![1, 2])
-        );
+        let text = |t: &str| PromptInput::Text(t.into());
+        let cases = [
+            (json!("hi"), vec![text("hi")]),
+            (json!(["hi"]), vec![text("hi")]),
+            (json!([1, 2]), vec![PromptInput::Tokens(vec![1, 2])]),
+            (json!([[1, 2]]), vec![PromptInput::Tokens(vec![1, 2])]),
+            (json!(["a", "b"]), vec![text("a"), text("b")]),
+            (
+                json!([[1], [2, 3]]),
+                vec![
+                    PromptInput::Tokens(vec![1]),
+                    PromptInput::Tokens(vec![2, 3]),
+                ],
+            ),
+            (
+                json!(["a", [2]]),
+                vec![text("a"), PromptInput::Tokens(vec![2])],
+            ),
+        ];
+        for (v, want) in cases {
+            assert_eq!(parse_prompts(v.clone()).unwrap(), want, "{v}");
+        }
         for bad in [
-            json!(["a", "b"]),
-            json!([[1], [2]]),
             json!([]),
             json!([1, "a"]),
+            json!(["a", 1]),
+            json!([[1], []]),
+            json!([[1], [-1]]),
             json!([4294967296u64]),
             json!([true]),
             json!({}),
         ] {
-            let e = parse_prompt(bad.clone()).unwrap_err();
+            let e = parse_prompts(bad.clone()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some("prompt"), "{bad}");
             assert_eq!(e.status, StatusCode::BAD_REQUEST);
         }

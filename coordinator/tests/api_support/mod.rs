@@ -50,8 +50,9 @@ pub fn tiny_model(max_context: usize) -> Arc<ServedModel> {
 /// How the fake behaves.
 #[derive(Default)]
 pub struct FakeConfig {
-    /// `submit` fails with this.
+    /// `submit` fails with this (after `submits_before_error` submits since the last `take_requests`).
     pub submit_error: Option<ServeError>,
+    pub submits_before_error: usize,
     /// After this many tokens the request fails with the error.
     pub fail_after: Option<(usize, ServeError)>,
     /// `health` answers this (`None`: Ok).
@@ -65,6 +66,8 @@ pub struct FakeBackend {
     pub config: Mutex<FakeConfig>,
     /// The last request submitted.
     pub last: Mutex<Option<GenRequest>>,
+    /// Every request submitted, in order.
+    pub all: Mutex<Vec<GenRequest>>,
     /// Requests whose receiver was dropped before they finished.
     pub cancelled: Arc<AtomicUsize>,
     /// Requests that ran to the end.
@@ -79,6 +82,7 @@ impl FakeBackend {
             model,
             config: Mutex::new(FakeConfig::default()),
             last: Mutex::new(None),
+            all: Mutex::new(Vec::new()),
             cancelled: Arc::new(AtomicUsize::new(0)),
             finished: Arc::new(AtomicUsize::new(0)),
             health_calls: AtomicUsize::new(0),
@@ -92,6 +96,11 @@ impl FakeBackend {
             .unwrap()
             .clone()
             .expect("a request was submitted")
+    }
+
+    /// The requests submitted since the last call (all of them the first time).
+    pub fn take_requests(&self) -> Vec<GenRequest> {
+        std::mem::take(&mut *self.all.lock().unwrap())
     }
 
     /// The scripted token ids, then end of generation.
@@ -115,8 +124,15 @@ pub fn state(fake: &Arc<FakeBackend>) -> Arc<AppState> {
 impl Backend for FakeBackend {
     fn submit(&self, req: GenRequest) -> Result<GenReceiver, ServeError> {
         *self.last.lock().unwrap() = Some(req.clone());
+        let earlier = {
+            let mut all = self.all.lock().unwrap();
+            all.push(req.clone());
+            all.len() - 1
+        };
         let config = self.config.lock().unwrap();
-        if let Some(e) = &config.submit_error {
+        if let Some(e) = &config.submit_error
+            && earlier >= config.submits_before_error
+        {
             return Err(e.clone());
         }
         let n_vocab = self.model.config.n_vocab;

@@ -65,6 +65,7 @@ async fn decode_latency(p: &dyn Pipeline, prompt: &[u32], steps: &[u32]) -> Resu
             start_pos: start,
             tokens: toks,
             want_logits: true,
+            all_logits: false,
             // What the scheduler asks for a greedy request: the best logit of each rank's slice.
             top_k: 1,
             context: ctx,
@@ -109,6 +110,8 @@ async fn throughput(
         while let Some(ev) = rx.recv().await {
             match ev {
                 GenEvent::Token(_) => total += 1,
+                // Not asked for here.
+                GenEvent::Prompt(_) => {}
                 GenEvent::Done { .. } => break,
                 GenEvent::Error(e) => anyhow::bail!("request failed: {e}"),
             }

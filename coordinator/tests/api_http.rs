@@ -182,7 +182,8 @@ async fn completion_prompt_forms() {
         (json!({"prompt": vec!["x"; 129]}), "prompt"),
         (json!({"prompt": "x", "best_of": 3}), "best_of"),
         (json!({"prompt": "x", "n": 2, "best_of": 1}), "best_of"),
-        (json!({"prompt": "x", "echo": true}), "echo"),
+        (json!({"prompt": "x", "echo": 1}), "echo"),
+        (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
         (json!({"prompt": "x", "suffix": "y"}), "suffix"),
     ] {
         let (status, v) = post(&app, "/v1/completions", body.clone()).await;
@@ -354,6 +355,110 @@ async fn batch_errors_name_the_prompt() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(fake.cancelled.load(Ordering::SeqCst), 1);
     assert_eq!(fake.finished.load(Ordering::SeqCst), 0);
+}
+
+/// `echo`: the prompt's text comes first; with `logprobs`, every prompt token's log-probability (null for the
+/// first, with null alternatives) comes first in `logprobs`; `max_tokens: 0` scores the prompt alone, as
+/// lm-evaluation-harness asks. Streamed, the echo is the first chunk of each choice.
+#[tokio::test]
+async fn echo_returns_the_prompt_and_its_logprobs() {
+    let (app, fake) = app();
+    let prompt = [283u32, 51, 257];
+    let prompt_text = fake.model.tokenizer.decode(&prompt, false);
+    let (status, v) = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": prompt, "echo": true, "logprobs": 1, "max_tokens": 3, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(fake.last_request().params.prompt_logprobs, Some(1));
+    let (text, finish) = choice_text(&v, 0);
+    assert_eq!(text, prompt_text + &prefix(3, &fake));
+    assert_eq!(finish, "length");
+    let lp = &v["choices"][0]["logprobs"];
+    let token_lps = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(token_lps.len(), 3 + 3);
+    assert_eq!(token_lps[0], Value::Null);
+    assert_eq!(token_lps[1].as_f64().unwrap() as f32, -0.1);
+    assert_eq!(token_lps[2].as_f64().unwrap() as f32, -0.2);
+    assert_eq!(lp["top_logprobs"][0], Value::Null);
+    assert_eq!(lp["top_logprobs"][1].as_object().unwrap().len(), 1);
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+
+    // Scoring only: the prompt and its log-probabilities, nothing generated.
+    let (status, v) = post(
+        &app,
+        "/v1/completions",
+        json!({"prompt": ["Hello", prompt], "echo": true, "logprobs": 0, "max_tokens": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(fake.last_request().params.max_tokens, Some(1));
+    assert_eq!(choice_text(&v, 0).0, "Hello");
+    assert_eq!(
+        choice_text(&v, 1).0,
+        fake.model.tokenizer.decode(&prompt, false)
+    );
+    let hello = fake.model.tokenizer.encode("Hello", true, false).unwrap();
+    assert_eq!(
+        v["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .len(),
+        hello.len()
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 0, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], hello.len() + 3, "{v}");
+
+    // Echo without logprobs asks for no prompt log-probabilities; streamed, each choice opens with it.
+    let (_, _, events) = stream(
+        &app,
+        "/v1/completions",
+        json!({"prompt": "Hello", "echo": true, "max_tokens": 2, "n": 2, "temperature": 0,
+               "stream": true}),
+    )
+    .await;
+    assert_eq!(fake.last_request().params.prompt_logprobs, None);
+    let chunks = json_chunks(&events);
+    let mut texts = vec![String::new(); 2];
+    for c in &chunks {
+        let choice = &c["choices"][0];
+        texts[choice["index"].as_u64().unwrap() as usize]
+            .push_str(choice["text"].as_str().unwrap());
+    }
+    let want = format!("Hello{}", prefix(2, &fake));
+    assert_eq!(texts, [want.clone(), want]);
+    assert_eq!(chunks[0]["choices"][0]["text"], "Hello");
+    assert_eq!(chunks[1]["choices"][0]["text"], "Hello");
+
+    // Streamed scoring: one echo chunk with the prompt's log-probabilities, then the finish chunk.
+    let (_, _, events) = stream(
+        &app,
+        "/v1/completions",
+        json!({"prompt": prompt, "echo": true, "logprobs": 1, "max_tokens": 0, "stream": true,
+               "stream_options": {"include_usage": true}}),
+    )
+    .await;
+    let chunks = json_chunks(&events);
+    assert_eq!(chunks.len(), 3, "{chunks:?}");
+    assert_eq!(
+        chunks[0]["choices"][0]["text"],
+        prompt_text_of(&fake, &prompt)
+    );
+    assert_eq!(
+        chunks[0]["choices"][0]["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(chunks[1]["choices"][0]["finish_reason"], "length");
+    assert_eq!(chunks[2]["usage"]["completion_tokens"], 0);
+}
+
+fn prompt_text_of(fake: &FakeBackend, ids: &[u32]) -> String {
+    fake.model.tokenizer.decode(ids, false)
 }
 
 #[tokio::test]
@@ -1115,6 +1220,7 @@ async fn openai_python_client() {
     );
     assert_eq!(v["batch"]["indexes"], json!([0, 1, 2, 3]), "{v}");
     assert_eq!(v["batch_matches"], true, "{v}");
+    assert_eq!(v["echo_ok"], true, "{v}");
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();
 }

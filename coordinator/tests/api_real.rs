@@ -295,6 +295,7 @@ async fn real_clients_over_the_real_scheduler() {
         assert_eq!(v["completion"]["finish_reason"], "length");
         assert_eq!(v["completion"]["usage"]["completion_tokens"], 8);
         assert_eq!(v["batch_matches"], true, "{v}");
+        assert_eq!(v["echo_ok"], true, "{v}");
         assert_eq!(v["batch"]["usage"]["completion_tokens"], 4 * 8, "{v}");
     } else {
         missing_tool("the openai client: pip install -r scripts/requirements-fixtures.txt");

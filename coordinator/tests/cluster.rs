@@ -107,6 +107,7 @@ async fn collect_events(
     while let Some(ev) = rx.recv().await {
         match ev {
             GenEvent::Token(t) => out.push((t.id, t.logprob, t.top_logprobs)),
+            GenEvent::Prompt(_) => panic!("prompt log-probabilities nobody asked for"),
             GenEvent::Done { .. } => return Ok(out),
             GenEvent::Error(e) => return Err(e),
         }
@@ -161,6 +162,7 @@ fn cluster_run(
                 start_pos: 0,
                 tokens: prompt.to_vec(),
                 want_logits: true,
+                all_logits: false,
                 top_k: 0,
                 context: 512,
             }],
@@ -172,6 +174,23 @@ fn cluster_run(
             .into_whole()
             .expect("whole rows");
         pipeline.release(&[1 << 40]).await;
+        // Every position's row (prompt log-probabilities), assembled from the ranks' vocabulary slices: one
+        // per token, the last one the row above, bit for bit.
+        let mut all = batch.clone();
+        all.seqs[0].seq_id += 1;
+        all.seqs[0].all_logits = true;
+        let rows = pipeline
+            .forward(&all)
+            .await
+            .expect("forward with every row")
+            .into_whole()
+            .expect("whole rows");
+        pipeline.release(&[all.seqs[0].seq_id]).await;
+        assert_eq!(rows.len(), prompt.len() * logits.len());
+        assert!(
+            rows[rows.len() - logits.len()..] == logits[..],
+            "tp={tp} pp={pp}: the last of every row differs from the last row alone"
+        );
         let sched = Scheduler::start(pipeline.clone(), tok.clone(), SchedulerConfig::default());
         let params = SamplingParams {
             max_tokens: Some(n),

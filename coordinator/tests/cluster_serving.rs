@@ -204,6 +204,7 @@ fn real_clients_against_a_pipeline_cluster() {
         // A batch of two prompts with n = 2: each choice is its prompt's lone completion.
         assert_eq!(v["batch"]["texts"][0].as_str(), Some(single.as_str()));
         assert_eq!(v["batch_matches"], Value::Bool(true), "{v}");
+        assert_eq!(v["echo_ok"], Value::Bool(true), "{v}");
     }
     if have("grpcurl", &["-version"]) {
         let out = Command::new("bash")

@@ -100,6 +100,7 @@ async fn collect(mut rx: GenReceiver) -> (Vec<u32>, Option<ServeError>) {
         loop {
             match rx.recv().await {
                 Some(GenEvent::Token(t)) => tokens.push(t.id),
+                Some(GenEvent::Prompt(_)) => panic!("prompt log-probabilities nobody asked for"),
                 Some(GenEvent::Done { .. }) => return (tokens, None),
                 Some(GenEvent::Error(e)) => return (tokens, Some(e)),
                 None => panic!("the stream ended without Done or Error"),

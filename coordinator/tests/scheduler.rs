@@ -112,6 +112,8 @@ fn tiny_config() -> SchedulerConfig {
 /// Everything a request's receiver got.
 #[derive(Debug, Clone, PartialEq)]
 struct Output {
+    /// The prompt's log-probabilities, when asked for.
+    prompt: Option<Vec<TokenEvent>>,
     tokens: Vec<TokenEvent>,
     end: End,
 }
@@ -152,8 +154,14 @@ impl Output {
 async fn collect(mut rx: GenReceiver) -> Output {
     tokio::time::timeout(TIMEOUT, async move {
         let mut tokens = Vec::new();
+        let mut prompt = None;
         let end = loop {
             match rx.recv().await {
+                Some(GenEvent::Prompt(entries)) => {
+                    assert!(tokens.is_empty(), "prompt log-probabilities after a token");
+                    assert!(prompt.is_none(), "prompt log-probabilities twice");
+                    prompt = Some(entries);
+                }
                 Some(GenEvent::Token(t)) => tokens.push(t),
                 Some(GenEvent::Done {
                     finish,
@@ -174,7 +182,11 @@ async fn collect(mut rx: GenReceiver) -> Output {
             }
         };
         assert_eq!(rx.recv().await, None, "an event after the end");
-        Output { tokens, end }
+        Output {
+            prompt,
+            tokens,
+            end,
+        }
     })
     .await
     .expect("a request hung")
@@ -432,6 +444,77 @@ async fn scheduler_matches_single_sequence_generate() {
         unreachable!()
     };
     assert_eq!(*finish, FinishReason::Length);
+}
+
+/// Prompt log-probabilities over a prompt of several chunks (and more tokens than one batch's logits rows),
+/// next to ordinary requests: each prompt token's entry is the log-softmax of the engine's row at the token
+/// before it (the whole prompt in one batch with `Logits::All`), with its alternatives; the generated tokens
+/// are those of the same request without prompt log-probabilities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_logprobs_are_the_engine_rows() {
+    let tok = tokenizer(&tiny_path());
+    let prompt: Vec<u32> = tiny_prompts(&tok, 8).concat()[..40].to_vec();
+    let params = SamplingParams {
+        max_tokens: Some(4),
+        prompt_logprobs: Some(3),
+        ..SamplingParams::greedy()
+    };
+    let scored = GenRequest {
+        prompt: prompt.clone(),
+        params: params.clone(),
+    };
+    let plain = GenRequest {
+        prompt: prompt.clone(),
+        params: SamplingParams {
+            prompt_logprobs: None,
+            ..params
+        },
+    };
+    let mut reqs = varied_requests(tiny_prompts(&tok, 3), |i| 6 + i);
+    reqs.extend([scored, plain]);
+    let handle = Scheduler::start(tiny_pipeline(None), tok.clone(), tiny_config());
+    let out = run_together(&handle, &reqs).await;
+    let (scored, plain) = (&out[3], &out[4]);
+    assert_eq!(scored.ids(), plain.ids());
+    assert_eq!(plain.prompt, None);
+    let entries = scored.prompt.as_ref().expect("prompt log-probabilities");
+    assert_eq!(entries.len(), prompt.len());
+    assert_eq!(entries[0].id, prompt[0]);
+    assert_eq!(
+        (entries[0].logprob, entries[0].top_logprobs.len()),
+        (None, 0)
+    );
+
+    let mut engine = engine(
+        &tiny_path(),
+        EngineOptions {
+            max_batch_tokens: 64,
+            max_logits: 64,
+            ..EngineOptions::default()
+        },
+    );
+    let n_vocab = engine.config.n_vocab;
+    let mut cache = engine.new_cache(prompt.len(), None).unwrap();
+    let mut batch = tessera_worker::Batch::new();
+    batch.push_tokens(0, &prompt, tessera_worker::Logits::All);
+    let rows = engine
+        .forward(&batch, &mut [&mut cache])
+        .unwrap()
+        .logits()
+        .unwrap()
+        .to_vec();
+    for (i, e) in entries.iter().enumerate().skip(1) {
+        let row = &rows[(i - 1) * n_vocab..i * n_vocab];
+        let (want, top) = tessera::sampling::token_logprobs(row, prompt[i], 3).unwrap();
+        assert_eq!(e.id, prompt[i], "entry {i}");
+        let got = e.logprob.unwrap();
+        assert!((got - want).abs() <= 1e-5, "entry {i}: {got} vs {want}");
+        assert_eq!(e.top_logprobs.len(), 3, "entry {i}");
+        for (&(id, lp), &(want_id, want_lp)) in e.top_logprobs.iter().zip(&top) {
+            assert_eq!(id, want_id, "entry {i}");
+            assert!((lp - want_lp).abs() <= 1e-5, "entry {i}: {lp} vs {want_lp}");
+        }
+    }
 }
 
 /// Bans every end-of-generation token, so a request runs to `max_tokens`.

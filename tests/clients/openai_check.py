@@ -12,11 +12,15 @@ n=2 (whole and streamed) and the second prompt alone. Prints one JSON object:
      "completion_stream": {"text", "finish_reason", "usage", "chunks"},
      "completion2": {"text", "finish_reason", "usage"},
      "batch": {"texts", "usage"}, "batch_stream": {"texts", "usage"},
+     "echo": {"text", "tokens", "token_logprobs", "top_logprobs", "usage"},
      "stream_matches": {"chat": bool, "completion": bool},
-     "batch_matches": bool}
+     "batch_matches": bool, "echo_ok": bool}
 
 batch_matches: the batch's four choices (prompt-major) are the two prompts' lone completions, each twice,
 streamed and whole, and its usage counts each prompt once.
+echo_ok: scoring the prompt as lm-evaluation-harness does (echo, logprobs=1, max_tokens=0) returns the prompt,
+one log-probability per prompt token (null for the first, the rest <= 0, each at most its best alternative's),
+and no completion tokens.
 
 Exits 1 on any client error (connection, HTTP error status, a malformed response the client cannot parse),
 2 with --strict when a streamed text differs from the non-streamed one, a stream lacks its finish reason, or
@@ -144,6 +148,18 @@ def main() -> int:
             for c in chunk.choices:
                 texts[c.index] = texts.get(c.index, "") + c.text
         out["batch_stream"] = {"texts": [texts[i] for i in sorted(texts)], "usage": usage}
+
+        r = client.completions.create(
+            prompt=args.prompt, echo=True, logprobs=1, max_tokens=0, model=args.model, seed=args.seed
+        )
+        lp = r.choices[0].logprobs
+        out["echo"] = {
+            "text": r.choices[0].text,
+            "tokens": lp.tokens,
+            "token_logprobs": lp.token_logprobs,
+            "top_logprobs": lp.top_logprobs,
+            "usage": usage_dict(r.usage),
+        }
     except openai.OpenAIError as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}", "partial": out}), file=sys.stderr)
         return 1
@@ -162,9 +178,22 @@ def main() -> int:
         and out["batch"]["usage"]["prompt_tokens"] == prompt_tokens
         and out["batch_stream"]["usage"] == out["batch"]["usage"]
     )
+    e = out["echo"]
+    lps = e["token_logprobs"]
+    out["echo_ok"] = (
+        e["text"] == args.prompt
+        and len(lps) == e["usage"]["prompt_tokens"] == len(e["tokens"])
+        and e["usage"]["completion_tokens"] == 0
+        and lps[0] is None
+        and all(x is not None and x <= 0 for x in lps[1:])
+        and all(max(top.values()) >= x - 1e-6 for top, x in zip(e["top_logprobs"][1:], lps[1:]))
+    )
     print(json.dumps(out))
     if args.strict and not all(out["stream_matches"].values()):
         print("streamed and whole responses differ", file=sys.stderr)
+        return 2
+    if args.strict and not out["echo_ok"]:
+        print("the echoed prompt's log-probabilities are malformed", file=sys.stderr)
         return 2
     if args.strict and not out["batch_matches"]:
         print("the batch's choices differ from the prompts' lone completions", file=sys.stderr)

@@ -104,7 +104,7 @@ impl Choices {
                 self.usage.completion_tokens += usage.completion_tokens;
             }
             GenEvent::Error(_) => self.open = 0,
-            GenEvent::Token(_) => {}
+            GenEvent::Prompt(_) | GenEvent::Token(_) => {}
         }
         Some((i, ev))
     }

@@ -215,6 +215,7 @@ impl TesseraService {
             max_tokens: (req.max_tokens > 0).then_some(req.max_tokens as usize),
             stop: req.stop,
             logprobs: req.logprobs.map(|n| n as usize),
+            prompt_logprobs: None,
         };
         state.validate_params(&params)?;
         let rename = |e: ServeError| match e {
@@ -253,6 +254,8 @@ impl TesseraService {
         let mut tokens = Vec::new();
         loop {
             match rx.recv().await {
+                // gRPC requests never ask for prompt log-probabilities.
+                Some(GenEvent::Prompt(_)) => {}
                 Some(GenEvent::Token(t)) => {
                     text.push_str(&t.text);
                     tokens.push(generated_token(tokenizer, &t));
@@ -345,28 +348,32 @@ impl Tessera for TesseraService {
             let tokenizer = tokenizer.clone();
             async move {
                 let mut rx = rx?;
-                let item = match rx.recv().await {
-                    Some(GenEvent::Token(t)) => {
-                        let msg = pb::GenerateStreamResponse {
-                            text: t.text.clone(),
-                            tokens: vec![generated_token(&tokenizer, &t)],
-                            finish_reason: pb::FinishReason::Unspecified as i32,
-                            usage: None,
-                        };
-                        return Some((Ok(msg), Some(rx)));
-                    }
-                    Some(GenEvent::Done {
-                        finish,
-                        usage,
-                        text,
-                    }) => Ok(pb::GenerateStreamResponse {
-                        text,
-                        tokens: Vec::new(),
-                        finish_reason: finish_reason(finish) as i32,
-                        usage: Some(usage_pb(usage)),
-                    }),
-                    Some(GenEvent::Error(e)) => Err(status(e)),
-                    None => Err(status(ended_early())),
+                let item = loop {
+                    break match rx.recv().await {
+                        // gRPC requests never ask for prompt log-probabilities.
+                        Some(GenEvent::Prompt(_)) => continue,
+                        Some(GenEvent::Token(t)) => {
+                            let msg = pb::GenerateStreamResponse {
+                                text: t.text.clone(),
+                                tokens: vec![generated_token(&tokenizer, &t)],
+                                finish_reason: pb::FinishReason::Unspecified as i32,
+                                usage: None,
+                            };
+                            return Some((Ok(msg), Some(rx)));
+                        }
+                        Some(GenEvent::Done {
+                            finish,
+                            usage,
+                            text,
+                        }) => Ok(pb::GenerateStreamResponse {
+                            text,
+                            tokens: Vec::new(),
+                            finish_reason: finish_reason(finish) as i32,
+                            usage: Some(usage_pb(usage)),
+                        }),
+                        Some(GenEvent::Error(e)) => Err(status(e)),
+                        None => Err(status(ended_early())),
+                    };
                 };
                 Some((item, None))
             }

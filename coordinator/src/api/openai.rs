@@ -19,7 +19,10 @@
 //! `seed + j`, so choice 0 is what the same request with `n = 1` gives and a batch of prompts gives what each
 //! prompt gives alone), `best_of` (equal to `n` when given: every sequence generated is returned), `user`
 //! (ignored), and the extensions `top_k` (-1 or 0 = off), `min_p`,
-//! `repetition_penalty`. Unknown fields are ignored (clients send many); `echo: true`, a `suffix`, `tools` /
+//! `repetition_penalty`. Completions take `echo`: the prompt comes back before the completion, and with
+//! `logprobs` every prompt token's log-probability under the model (the first's is null) comes first in
+//! `logprobs` — with `max_tokens: 0` only the prompt is scored (one token is generated and dropped), which is
+//! how lm-evaluation-harness computes log-likelihoods. Unknown fields are ignored (clients send many); a `suffix`, `tools` /
 //! `functions` and a `response_format` other than text are refused with a 400 naming the field.
 //!
 //! Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: a bad request is 400
@@ -342,6 +345,17 @@ struct Parsed {
     /// One per prompt (a chat request has one).
     inputs: Vec<PromptInput>,
     common: Common,
+    echo: Echo,
+}
+
+/// What a completion echoes of its prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Echo {
+    Off,
+    /// The prompt's text, then the completion.
+    Prompt,
+    /// The prompt only (`max_tokens: 0`): the one token generated to score it is dropped.
+    PromptOnly,
 }
 
 /// The fields completions and chat completions share.
@@ -467,6 +481,7 @@ fn parse_common(f: &mut Fields, state: &AppState, kind: Kind) -> Result<Common, 
         max_tokens,
         stop,
         logprobs: None,
+        prompt_logprobs: None,
     };
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.take("stream_options") {
@@ -498,8 +513,17 @@ fn parse_completion(body: Map<String, Value>, state: &AppState) -> Result<Parsed
         None => return Err(ApiError::field("prompt", "`prompt` is required")),
         Some(v) => parse_prompts(v)?,
     };
-    if f.bool("echo")? == Some(true) {
-        return Err(ApiError::field("echo", "`echo` is not supported"));
+    let mut echo = match f.bool("echo")? {
+        Some(true) => Echo::Prompt,
+        _ => Echo::Off,
+    };
+    if echo == Echo::Prompt {
+        for key in ["max_tokens", "max_completion_tokens"] {
+            if f.0.get(key).and_then(Value::as_u64) == Some(0) {
+                f.0.insert(key.into(), json!(1));
+                echo = Echo::PromptOnly;
+            }
+        }
     }
     if f.string("suffix")?.is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::field("suffix", "`suffix` is not supported"));
@@ -530,7 +554,14 @@ fn parse_completion(body: Map<String, Value>, state: &AppState) -> Result<Parsed
         ));
     }
     common.params.logprobs = logprobs.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-    Ok(Parsed { inputs, common })
+    if echo != Echo::Off {
+        common.params.prompt_logprobs = common.params.logprobs;
+    }
+    Ok(Parsed {
+        inputs,
+        common,
+        echo,
+    })
 }
 
 fn token_ids(items: Vec<Value>) -> Result<Vec<u32>, ApiError> {
@@ -626,6 +657,7 @@ fn parse_chat(body: Map<String, Value>, state: &AppState) -> Result<Parsed, ApiE
     Ok(Parsed {
         inputs: vec![PromptInput::Chat(messages)],
         common,
+        echo: Echo::Off,
     })
 }
 
@@ -743,7 +775,11 @@ fn rename_fields(e: ServeError, kind: Kind) -> ServeError {
 }
 
 async fn generate(state: Arc<AppState>, parsed: Parsed, kind: Kind) -> Result<Response, ApiError> {
-    let Parsed { inputs, common } = parsed;
+    let Parsed {
+        inputs,
+        common,
+        echo,
+    } = parsed;
     state
         .validate_params(&common.params)
         .map_err(|e| rename_fields(e, kind))?;
@@ -768,6 +804,18 @@ async fn generate(state: Arc<AppState>, parsed: Parsed, kind: Kind) -> Result<Re
         stream = common.stream,
         "submitting a request"
     );
+    // The prompt as the client gave it: its text, or its token ids decoded.
+    let echo_texts: Vec<String> = match echo {
+        Echo::Off => Vec::new(),
+        Echo::Prompt | Echo::PromptOnly => inputs
+            .iter()
+            .zip(&prompts)
+            .map(|(input, ids)| match input {
+                PromptInput::Text(t) => t.clone(),
+                _ => state.model.tokenizer.decode(ids, false),
+            })
+            .collect(),
+    };
     let mut choices = choices::submit(state.scheduler.as_ref(), prompts, common.n, &common.params)
         .map_err(|e| rename_fields(e, kind))?;
     let mut out = Responder {
@@ -782,11 +830,15 @@ async fn generate(state: Arc<AppState>, parsed: Parsed, kind: Kind) -> Result<Re
         include_usage: common.include_usage,
         tokenizer: state.model.tokenizer.clone(),
         text_offset: vec![0; choices.len()],
+        echo,
+        echoed: echo_texts,
+        per_prompt: common.n,
     };
     if !common.stream {
         let mut done: Vec<Choice> = (0..choices.len()).map(|_| Choice::default()).collect();
         while let Some((i, ev)) = choices.next().await {
             match ev {
+                GenEvent::Prompt(entries) => done[i].prompt = entries,
                 GenEvent::Token(t) => {
                     done[i].text.push_str(&t.text);
                     done[i].tokens.push(t);
@@ -798,7 +850,11 @@ async fn generate(state: Arc<AppState>, parsed: Parsed, kind: Kind) -> Result<Re
                 GenEvent::Error(e) => return Err(rename_fields(e, kind).into()),
             }
         }
-        return Ok(axum::Json(out.whole(&done, choices.usage())).into_response());
+        let mut usage = choices.usage();
+        if echo == Echo::PromptOnly {
+            usage.completion_tokens = 0;
+        }
+        return Ok(axum::Json(out.whole(&done, usage)).into_response());
     }
     // Wait for the first event so that an error before any token gets its HTTP status.
     let first = match choices.next().await {
@@ -815,6 +871,13 @@ async fn generate(state: Arc<AppState>, parsed: Parsed, kind: Kind) -> Result<Re
                 "logprobs": null,
                 "finish_reason": null,
             }))));
+        }
+    }
+    // Without prompt log-probabilities no `Prompt` event comes: the echo opens every choice's stream now.
+    if echo != Echo::Off && common.params.prompt_logprobs.is_none() {
+        for i in 0..choices.len() {
+            let chunk = out.echo_chunk(i, &[]);
+            pending.push_back(out.data(&chunk));
         }
     }
     let mut sse = SseState {
@@ -847,6 +910,8 @@ fn usage_json(u: Usage) -> Value {
 /// One finished choice of a non-streamed response.
 #[derive(Default)]
 struct Choice {
+    /// The prompt's log-probabilities (echo with logprobs).
+    prompt: Vec<TokenEvent>,
     text: String,
     tokens: Vec<TokenEvent>,
     finish: Option<FinishReason>,
@@ -863,6 +928,11 @@ struct Responder {
     tokenizer: Arc<Tokenizer>,
     /// Characters of token text so far, per choice (completions' `text_offset`).
     text_offset: Vec<usize>,
+    echo: Echo,
+    /// Per prompt, its text when echoed.
+    echoed: Vec<String>,
+    /// Choices per prompt.
+    per_prompt: usize,
 }
 
 impl Responder {
@@ -884,19 +954,27 @@ impl Responder {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let logprobs = self.logprobs(i, &c.tokens);
+                let (text, logprobs) = match self.echo {
+                    Echo::Off => (c.text.clone(), self.logprobs(i, &c.tokens)),
+                    Echo::Prompt => {
+                        let all: Vec<TokenEvent> =
+                            c.prompt.iter().chain(&c.tokens).cloned().collect();
+                        (self.echo_text(i) + &c.text, self.logprobs(i, &all))
+                    }
+                    Echo::PromptOnly => (self.echo_text(i), self.logprobs(i, &c.prompt)),
+                };
                 // Every choice has its `Done` once `Choices::next` has ended without an error.
                 let finish = c.finish.map(finish_reason);
                 match self.kind {
                     Kind::Completion => json!({
                         "index": i,
-                        "text": c.text,
+                        "text": text,
                         "logprobs": logprobs,
                         "finish_reason": finish,
                     }),
                     Kind::Chat => json!({
                         "index": i,
-                        "message": {"role": "assistant", "content": c.text},
+                        "message": {"role": "assistant", "content": text},
                         "logprobs": logprobs,
                         "finish_reason": finish,
                     }),
@@ -928,12 +1006,17 @@ impl Responder {
                     offsets.push(self.text_offset[i]);
                     self.text_offset[i] += text.chars().count();
                     texts.push(text);
+                    // A prompt's first token has no log-probability and no alternatives: null, as OpenAI's.
+                    if t.logprob.is_none() {
+                        tops.push(Value::Null);
+                        continue;
+                    }
                     let top: Map<String, Value> = t
                         .top_logprobs
                         .iter()
                         .map(|&(id, lp)| (self.token_text(id), json!(lp)))
                         .collect();
-                    tops.push(top);
+                    tops.push(Value::Object(top));
                 }
                 json!({
                     "tokens": texts,
@@ -999,6 +1082,20 @@ impl Responder {
         })
     }
 
+    /// The echoed prompt text of choice `i`.
+    fn echo_text(&self, i: usize) -> String {
+        self.echoed
+            .get(i / self.per_prompt.max(1))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The stream chunk that echoes choice `i`'s prompt, with its log-probabilities when asked for.
+    fn echo_chunk(&mut self, i: usize, entries: &[TokenEvent]) -> Value {
+        let text = self.echo_text(i);
+        self.text_chunk(i, &text, entries)
+    }
+
     fn data(&self, v: &Value) -> Event {
         Event::default().data(v.to_string())
     }
@@ -1015,7 +1112,14 @@ struct SseState {
 
 impl SseState {
     fn on_event(&mut self, ev: Option<(usize, GenEvent)>) {
+        let prompt_only = self.out.echo == Echo::PromptOnly;
         match ev {
+            Some((i, GenEvent::Prompt(entries))) => {
+                let chunk = self.out.echo_chunk(i, &entries);
+                self.pending.push_back(self.out.data(&chunk));
+            }
+            // Scoring the prompt only: the token generated to do it is not shown.
+            Some((_, GenEvent::Token(_))) if prompt_only => {}
             Some((i, GenEvent::Token(t))) => {
                 if !t.text.is_empty() || self.out.logprobs {
                     let text = t.text.clone();
@@ -1024,7 +1128,7 @@ impl SseState {
                 }
             }
             Some((i, GenEvent::Done { finish, text, .. })) => {
-                if !text.is_empty() {
+                if !text.is_empty() && !prompt_only {
                     let chunk = self.out.text_chunk(i, &text, &[]);
                     self.pending.push_back(self.out.data(&chunk));
                 }
@@ -1042,6 +1146,10 @@ impl SseState {
             Some((_, GenEvent::Error(e))) => self.fail(rename_fields(e, self.out.kind)),
             // Every choice is done.
             None => {
+                let mut usage = self.choices.usage();
+                if prompt_only {
+                    usage.completion_tokens = 0;
+                }
                 if self.out.include_usage {
                     let u = json!({
                         "id": self.out.id,
@@ -1049,7 +1157,7 @@ impl SseState {
                         "created": self.out.created,
                         "model": self.out.model,
                         "choices": [],
-                        "usage": usage_json(self.choices.usage()),
+                        "usage": usage_json(usage),
                     });
                     self.pending.push_back(self.out.data(&u));
                 }

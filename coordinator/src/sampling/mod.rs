@@ -15,7 +15,7 @@ mod stop;
 use serde::{Deserialize, Serialize};
 
 pub use rng::Rng;
-pub use sampler::{MAX_CANDIDATES, SampledToken, Sampler, TopLogits};
+pub use sampler::{MAX_CANDIDATES, SampledToken, Sampler, TopLogits, token_logprobs};
 pub use stop::{StopMatcher, StopOutput};
 
 /// Most alternatives a request may ask log-probabilities for (OpenAI's `top_logprobs` limit).
@@ -52,6 +52,10 @@ pub struct SamplingParams {
     /// Return the log-probability of each chosen token and of this many most likely alternatives
     /// (0..=20); `None`: no log-probabilities.
     pub logprobs: Option<usize>,
+    /// Also return the log-probability of every prompt token after the first (under the model's own
+    /// distribution: no penalties, bias or temperature) and of this many most likely alternatives (0..=20);
+    /// `None`: none. Costs a whole logits row per prompt token.
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -69,6 +73,7 @@ impl Default for SamplingParams {
             max_tokens: None,
             stop: Vec::new(),
             logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -183,6 +188,11 @@ impl SamplingParams {
             && n > MAX_LOGPROBS
         {
             return Err(out_of_range("logprobs", "in [0, 20]", n));
+        }
+        if let Some(n) = self.prompt_logprobs
+            && n > MAX_LOGPROBS
+        {
+            return Err(out_of_range("prompt_logprobs", "in [0, 20]", n));
         }
         Ok(())
     }

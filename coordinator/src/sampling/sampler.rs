@@ -305,6 +305,23 @@ impl Sampler {
     }
 }
 
+/// The log-probability of `token` under the model's own distribution over `logits` (no penalties, bias or
+/// temperature: what a prompt token's log-probability is) and the `top` most likely tokens with theirs, most
+/// likely first. `None` when no logit is finite or `token` is outside the row.
+pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> Option<(f32, Vec<(u32, f32)>)> {
+    let row: Vec<f32> = logits
+        .iter()
+        .map(|&l| softmax_reduce::sampling_logit(l))
+        .collect();
+    let lse = softmax_reduce::log_sum_exp(&row)?;
+    let logprob = (f64::from(*row.get(token as usize)?) - lse) as f32;
+    let top = top_m(&row, top, 0)
+        .into_iter()
+        .map(|(l, t)| (t, (f64::from(l) - lse) as f32))
+        .collect();
+    Some((logprob, top))
+}
+
 /// Length of the shortest prefix of `sorted` whose probability mass (relative to `lse`) reaches `target`.
 fn prefix_reaching(sorted: &[(f32, u32)], target: f64, lse: f64) -> Option<usize> {
     let lse = lse as f32;

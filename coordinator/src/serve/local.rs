@@ -407,10 +407,10 @@ fn forward(
             seq_id: s.seq_id,
             start_pos: s.start_pos,
             n_tokens: s.tokens.len(),
-            logits: if s.want_logits {
-                Logits::Last
-            } else {
-                Logits::None
+            logits: match (s.want_logits, s.all_logits) {
+                (false, _) => Logits::None,
+                (true, false) => Logits::Last,
+                (true, true) => Logits::All,
             },
             context: s.context,
         });

@@ -54,9 +54,13 @@ pub struct Usage {
     pub completion_tokens: usize,
 }
 
-/// What a request's receiver gets, in order: any number of `Token`s, then exactly one `Done` or `Error`.
+/// What a request's receiver gets, in order: with `prompt_logprobs` one `Prompt`, then any number of
+/// `Token`s, then exactly one `Done` or `Error` (an `Error` may come at any point).
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
+    /// Every prompt token with its log-probability given the tokens before it (`None` for the first) and
+    /// the most likely alternatives there; `text` is empty.
+    Prompt(Vec<TokenEvent>),
     Token(TokenEvent),
     /// Generation ended. `text` is what was held back and became final at the end (may be empty).
     Done {

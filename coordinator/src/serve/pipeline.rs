@@ -38,6 +38,9 @@ pub struct SeqStep {
     pub tokens: Vec<u32>,
     /// Return the logits of the last token.
     pub want_logits: bool,
+    /// With `want_logits`: a whole row for every token of the step, not only the last (prompt
+    /// log-probabilities); `top_k` does not apply.
+    pub all_logits: bool,
     /// With `want_logits`: 0 for the whole vocabulary row; k > 0 lets the pipeline return the row's k best
     /// logits and its log-sum-exp instead ([`TopLogits`]; enough when the sequence's sampler says so, see
     /// `Sampler::candidates_needed`).
@@ -56,13 +59,34 @@ impl StepBatch {
         self.seqs.iter().map(|s| s.tokens.len()).sum()
     }
 
+    /// Logits rows the batch asks for.
     pub fn n_logits(&self) -> usize {
-        self.seqs.iter().filter(|s| s.want_logits).count()
+        self.seqs.iter().map(SeqStep::n_rows).sum()
     }
 }
 
-/// A batch's logits: one row per sequence with `want_logits`, in batch order, each the whole vocabulary or
-/// (for a sequence with `top_k`) its best logits.
+impl SeqStep {
+    /// Logits rows this step asks for: none, the last token's, or one per token.
+    pub fn n_rows(&self) -> usize {
+        match (self.want_logits, self.all_logits) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => self.tokens.len(),
+        }
+    }
+
+    /// The best-logits count the pipeline may use for this step's rows (0: whole rows).
+    pub fn row_top_k(&self) -> usize {
+        if self.want_logits && !self.all_logits {
+            self.top_k
+        } else {
+            0
+        }
+    }
+}
+
+/// A batch's logits: the rows the sequences ask for ([`SeqStep::n_rows`]), in batch order, each the whole
+/// vocabulary or (for a sequence with `top_k`) its best logits.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct BatchLogits {
     n_vocab: usize,
@@ -162,8 +186,8 @@ pub enum PipelineError {
 pub trait Pipeline: Send + Sync + 'static {
     fn info(&self) -> PipelineInfo;
 
-    /// Runs `batch` through every stage. Returns a logits row for each sequence with `want_logits`, in batch
-    /// order: the whole vocabulary, or for a sequence with `top_k` possibly its best logits.
+    /// Runs `batch` through every stage. Returns the logits rows the sequences ask for ([`SeqStep::n_rows`]),
+    /// in batch order: the whole vocabulary, or for a sequence with `top_k` possibly its best logits.
     fn forward<'a>(
         &'a self,
         batch: &'a StepBatch,

@@ -582,8 +582,12 @@ impl RemotePipeline {
                 })
                 .collect();
             let n_vocab = layout.info.n_vocab;
-            let wanted = batch.seqs.iter().filter(|s| s.want_logits);
-            let ks: Vec<usize> = wanted.clone().map(|s| s.top_k).filter(|&k| k > 0).collect();
+            let ks: Vec<usize> = batch
+                .seqs
+                .iter()
+                .map(SeqStep::row_top_k)
+                .filter(|&k| k > 0)
+                .collect();
             let assembled = assemble_logits(n_logits - ks.len(), n_vocab, &parts)
                 .and_then(|whole| Ok((whole, merge_top(&ks, &parts)?)));
             let (whole, tops) = assembled.map_err(|msg| {
@@ -591,8 +595,13 @@ impl RemotePipeline {
                 PipelineError::Unavailable(msg)
             })?;
             let mut tops = tops.into_iter();
-            let rows = wanted
-                .map(|s| if s.top_k > 0 { tops.next() } else { None })
+            let rows = batch
+                .seqs
+                .iter()
+                .flat_map(|s| {
+                    let top = if s.row_top_k() > 0 { tops.next() } else { None };
+                    std::iter::repeat_n(top, s.n_rows())
+                })
                 .collect();
             logits = Some(BatchLogits::from_rows(n_vocab, whole, rows));
         }
@@ -724,6 +733,7 @@ impl RemotePipeline {
                 start_pos: 0,
                 tokens: vec![0],
                 want_logits: true,
+                all_logits: false,
                 top_k: 0,
                 context: 1,
             }],
@@ -756,17 +766,13 @@ fn seq_input(s: &SeqStep) -> Result<SeqInput, PipelineError> {
         seq_id: s.seq_id,
         start_pos: u32_of("start_pos", s.start_pos)?,
         n_tokens: u32_of("n_tokens", s.tokens.len())?,
-        logits: if s.want_logits {
-            LogitsMode::Last as i32
-        } else {
-            LogitsMode::None as i32
-        },
+        logits: match (s.want_logits, s.all_logits) {
+            (false, _) => LogitsMode::None,
+            (true, false) => LogitsMode::Last,
+            (true, true) => LogitsMode::All,
+        } as i32,
         context: u32_of("context", s.context)?,
-        top_k: if s.want_logits {
-            u32_of("top_k", s.top_k)?
-        } else {
-            0
-        },
+        top_k: u32_of("top_k", s.row_top_k())?,
     })
 }
 

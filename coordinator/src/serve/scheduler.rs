@@ -47,7 +47,7 @@ use super::{
     PipelineInfo, SeqStep, ServeError, StepBatch, TokenEvent, Usage,
 };
 use crate::generate::{DecodeState, FinishReason};
-use crate::sampling::SamplingError;
+use crate::sampling::{SamplingError, token_logprobs};
 use crate::tokenizer::Tokenizer;
 
 /// Metric names (the front end's Prometheus recorder renders them).
@@ -227,9 +227,9 @@ impl SchedulerHandle {
                 return Err(e);
             }
         };
-        // Events are at most one per token the context leaves room for, plus `Done`: a channel this large
-        // never refuses a send, so a slow client never stalls its lane.
-        let (tx, rx) = mpsc::channel(context - req.prompt.len() + 1);
+        // Events are at most one per token the context leaves room for, plus the prompt's log-probabilities
+        // and `Done`: a channel this large never refuses a send, so a slow client never stalls its lane.
+        let (tx, rx) = mpsc::channel(context - req.prompt.len() + 2);
         {
             let mut queue = self.shared.queue();
             let max = self.shared.config.max_queued;
@@ -466,6 +466,10 @@ struct Seq {
     context: usize,
     state: DecodeState,
     logprobs: bool,
+    /// Alternatives per prompt token when the request asked for prompt log-probabilities.
+    prompt_logprobs: Option<usize>,
+    /// Prompt tokens' log-probabilities so far (sent as one event before the first generated token).
+    prompt_entries: Vec<TokenEvent>,
     /// Positions in the KV cache: prompt tokens while prefilling, then prompt + fed generated tokens.
     pos: usize,
     /// The sampled token to feed at `pos` (decoding); `None` while prefilling.
@@ -518,6 +522,62 @@ impl Seq {
     fn fail(&self, e: ServeError) {
         debug!(seq_id = self.id, "request failed: {e}");
         self.send(GenEvent::Error(e));
+    }
+
+    /// Takes this step's logits rows: prompt log-probabilities from a chunk's rows (sent once the prompt is
+    /// done), then the next token from the last row when the step samples.
+    fn take_rows(&mut self, p: &Planned, logits: &BatchLogits, tokenizer: &Tokenizer) -> Outcome {
+        // While prefilling (`next` is set by the first sample), every token of the chunk has its row.
+        if let Some(top) = self.prompt_logprobs
+            && self.next.is_none()
+            && p.n_rows == p.n_tokens
+        {
+            // Row j of the chunk is the distribution of the prompt token after the chunk's j-th.
+            let start = self.pos - p.n_tokens;
+            for j in 0..p.n_rows {
+                let Some(&next) = self.prompt.get(start + j + 1) else {
+                    break;
+                };
+                let entry = match logits.row(p.first_row + j) {
+                    Some(LogitsRow::Whole(row)) => token_logprobs(row, next, top),
+                    _ => None,
+                };
+                let Some((logprob, top_logprobs)) = entry else {
+                    self.fail(ServeError::Internal(format!(
+                        "sequence {}: no whole logits row for prompt token {}",
+                        self.id,
+                        start + j + 1
+                    )));
+                    return Outcome::Failed;
+                };
+                self.prompt_entries.push(TokenEvent {
+                    id: next,
+                    text: String::new(),
+                    logprob: Some(logprob),
+                    top_logprobs,
+                });
+            }
+            if p.sample {
+                let entries = std::mem::take(&mut self.prompt_entries);
+                if !self.send(GenEvent::Prompt(entries)) {
+                    return Outcome::Cancelled;
+                }
+            }
+        }
+        if !p.sample {
+            return Outcome::Continue;
+        }
+        match logits.row(p.first_row + p.n_rows - 1) {
+            Some(row) => self.sample(row, tokenizer),
+            None => {
+                self.fail(ServeError::Internal(format!(
+                    "sequence {}: the batch's answer has no logits row {}",
+                    self.id,
+                    p.first_row + p.n_rows - 1
+                )));
+                Outcome::Failed
+            }
+        }
     }
 
     /// Samples the next token from this sequence's logits row, streams it, and says whether it continues.
@@ -583,8 +643,13 @@ struct Planned {
     /// Index into the lane's `running`.
     index: usize,
     n_tokens: usize,
-    /// Logits row, for a decode token or a prompt's last chunk.
-    row: Option<usize>,
+    /// The first of its logits rows in the batch's answer.
+    first_row: usize,
+    /// Its logits rows: one per token for prompt log-probabilities, else 1 for a decode token or a prompt's
+    /// last chunk, else 0.
+    n_rows: usize,
+    /// Its last row samples the next token (a decode token or a prompt's last chunk).
+    sample: bool,
     /// The sequence's first chunk (creates it on the pipeline).
     new: bool,
 }
@@ -695,10 +760,22 @@ impl Lane {
                         context = p.context,
                         "admitted"
                     );
+                    // The first prompt token has no log-probability: nothing comes before it.
+                    let prompt_entries = match p.params.prompt_logprobs {
+                        Some(_) => vec![TokenEvent {
+                            id: p.prompt[0],
+                            text: String::new(),
+                            logprob: None,
+                            top_logprobs: Vec::new(),
+                        }],
+                        None => Vec::new(),
+                    };
                     self.running.push(Seq {
                         id,
                         tx: p.tx,
                         logprobs: p.params.logprobs.is_some(),
+                        prompt_logprobs: p.params.prompt_logprobs,
+                        prompt_entries,
                         prompt: p.prompt,
                         context: p.context,
                         state,
@@ -743,13 +820,16 @@ impl Lane {
                 start_pos: s.pos,
                 tokens: vec![next],
                 want_logits: true,
+                all_logits: false,
                 top_k: s.state.candidates_needed(),
                 context: s.context,
             });
             plan.push(Planned {
                 index,
                 n_tokens: 1,
-                row: Some(rows),
+                first_row: rows,
+                n_rows: 1,
+                sample: true,
                 new: false,
             });
             tokens += 1;
@@ -759,13 +839,21 @@ impl Lane {
             if s.next.is_some() {
                 continue;
             }
-            // Chunk boundaries at multiples of `chunk` from the prompt's start, whatever the batch holds.
-            let end = (s.pos / limits.chunk + 1) * limits.chunk;
+            // Chunk boundaries at multiples of `chunk` from the prompt's start, whatever the batch holds. A
+            // prompt whose every token returns a logits row comes in chunks of at most `max_logits`.
+            let all = s.prompt_logprobs.is_some();
+            let chunk = if all {
+                limits.chunk.min(max_logits)
+            } else {
+                limits.chunk
+            };
+            let end = (s.pos / chunk + 1) * chunk;
             let end = end.min(s.prompt.len());
             let n = end - s.pos;
             let last = end == s.prompt.len();
+            let n_rows = if all { n } else { usize::from(last) };
             if tokens + n > limits.budget
-                || (last && rows + 1 > max_logits)
+                || rows + n_rows > max_logits
                 || (s.pos == 0 && new >= self.new_limit)
             {
                 continue;
@@ -775,18 +863,21 @@ impl Lane {
                 seq_id: s.id,
                 start_pos: s.pos,
                 tokens: s.prompt[s.pos..end].to_vec(),
-                want_logits: last,
+                want_logits: n_rows > 0,
+                all_logits: all,
                 top_k: s.state.candidates_needed(),
                 context: s.context,
             });
             plan.push(Planned {
                 index,
                 n_tokens: n,
-                row: last.then_some(rows),
+                first_row: rows,
+                n_rows,
+                sample: last,
                 new: s.pos == 0,
             });
             tokens += n;
-            rows += usize::from(last);
+            rows += n_rows;
         }
         (batch, plan)
     }
@@ -832,16 +923,16 @@ impl Lane {
     /// After a successful forward: positions advance, and sequences with a logits row sample their next
     /// token.
     async fn advance(&mut self, plan: &[Planned], logits: BatchLogits, generation: u64) {
-        let mut rows = vec![None; self.running.len()];
+        let mut rows: Vec<Option<Planned>> = vec![None; self.running.len()];
         let mut prompt_tokens = 0;
         for p in plan {
             let s = &mut self.running[p.index];
             s.started.get_or_insert(generation);
             s.pos += p.n_tokens;
-            if s.next.is_none() && p.row.is_some() {
+            if s.next.is_none() && p.sample {
                 prompt_tokens += s.prompt.len() as u64;
             }
-            rows[p.index] = p.row;
+            rows[p.index] = Some(*p);
         }
         if prompt_tokens > 0 {
             metrics::counter!(PROMPT_TOKENS_TOTAL).increment(prompt_tokens);
@@ -849,11 +940,11 @@ impl Lane {
 
         // Sequences move to blocking threads and back, in groups of SAMPLE_GROUP that sample; order is kept.
         let logits = Arc::new(logits);
-        let mut groups: Vec<Vec<(Seq, Option<usize>)>> = Vec::new();
+        let mut groups: Vec<Vec<(Seq, Option<Planned>)>> = Vec::new();
         let mut group = Vec::new();
         let mut sampling = 0;
         for (s, row) in std::mem::take(&mut self.running).into_iter().zip(rows) {
-            sampling += usize::from(row.is_some());
+            sampling += usize::from(row.is_some_and(|p| p.n_rows > 0));
             group.push((s, row));
             if sampling == SAMPLE_GROUP {
                 groups.push(std::mem::take(&mut group));
@@ -873,9 +964,9 @@ impl Lane {
             tokio::task::spawn_blocking(move || {
                 group
                     .into_iter()
-                    .map(|(mut s, row)| {
-                        let outcome = match row.and_then(|r| logits.row(r)) {
-                            Some(row) => s.sample(row, &tokenizer),
+                    .map(|(mut s, planned)| {
+                        let outcome = match planned {
+                            Some(p) => s.take_rows(&p, &logits, &tokenizer),
                             None => Outcome::Continue,
                         };
                         (s, outcome)

@@ -148,8 +148,35 @@ impl Backend for FakeBackend {
         let (cancelled, finished) = (self.cancelled.clone(), self.finished.clone());
         let prompt_tokens = req.prompt.len();
         let want_logprobs = req.params.logprobs.is_some();
+        // Prompt log-probabilities: token i scores -i/10, its alternatives are the token itself and token 0.
+        let prompt_event = req.params.prompt_logprobs.map(|k| {
+            let entries = req
+                .prompt
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| {
+                    let lp = -(i as f32) / 10.0;
+                    TokenEvent {
+                        id,
+                        text: String::new(),
+                        logprob: (i > 0).then_some(lp),
+                        top_logprobs: if i > 0 {
+                            [(id, lp), (0, -20.0)].into_iter().take(k).collect()
+                        } else {
+                            Vec::new()
+                        },
+                    }
+                })
+                .collect();
+            GenEvent::Prompt(entries)
+        });
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            if let Some(ev) = prompt_event
+                && tx.send(ev).await.is_err()
+            {
+                return;
+            }
             let mut step = 0;
             loop {
                 if let Some((n, e)) = &fail_after

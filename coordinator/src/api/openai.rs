@@ -517,6 +517,8 @@ fn parse_completion(body: Map<String, Value>, state: &AppState) -> Result<Parsed
         Some(true) => Echo::Prompt,
         _ => Echo::Off,
     };
+    // Scoring the prompt alone: a sequence ends after a generated token, so one is sampled from the last
+    // prompt row (no extra forward pass) and left out of the answer.
     if echo == Echo::Prompt {
         for key in ["max_tokens", "max_completion_tokens"] {
             if f.0.get(key).and_then(Value::as_u64) == Some(0) {

@@ -852,10 +852,7 @@ async fn generate(state: Arc<AppState>, parsed: Parsed, kind: Kind) -> Result<Re
                 GenEvent::Error(e) => return Err(rename_fields(e, kind).into()),
             }
         }
-        let mut usage = choices.usage();
-        if echo == Echo::PromptOnly {
-            usage.completion_tokens = 0;
-        }
+        let usage = out.shown_usage(choices.usage());
         return Ok(axum::Json(out.whole(&done, usage)).into_response());
     }
     // Wait for the first event so that an error before any token gets its HTTP status.
@@ -1084,6 +1081,15 @@ impl Responder {
         })
     }
 
+    /// The usage the client sees: the token generated only to score a prompt (`max_tokens: 0`) is not
+    /// counted.
+    fn shown_usage(&self, mut usage: Usage) -> Usage {
+        if self.echo == Echo::PromptOnly {
+            usage.completion_tokens = 0;
+        }
+        usage
+    }
+
     /// The echoed prompt text of choice `i`.
     fn echo_text(&self, i: usize) -> String {
         self.echoed
@@ -1148,10 +1154,7 @@ impl SseState {
             Some((_, GenEvent::Error(e))) => self.fail(rename_fields(e, self.out.kind)),
             // Every choice is done.
             None => {
-                let mut usage = self.choices.usage();
-                if prompt_only {
-                    usage.completion_tokens = 0;
-                }
+                let usage = self.out.shown_usage(self.choices.usage());
                 if self.out.include_usage {
                     let u = json!({
                         "id": self.out.id,

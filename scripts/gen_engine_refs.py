@@ -676,32 +676,42 @@ class LlamaCpp:
         self.llm.eval(ids)
         return np.array(self.llm.scores[:len(ids)], dtype=np.float32, copy=True)
 
-    def greedy(self, ids: list[int], n: int) -> tuple[np.ndarray, list[int], list[float]]:
+    def greedy(self, ids: list[int], n: int) -> tuple[np.ndarray, list[int], list[float], list[float], list[float]]:
         """Prompt logits (one batch), then n greedy tokens, each decoded alone (as llama.cpp generates).
-        Returns prompt logits, generated ids, per-step (top1 - top2) logit margins."""
+        Returns prompt logits, generated ids, per-step (top1 - top2) logit margins, top logits and
+        log-sum-exps."""
         lg = self.logits(ids)
-        out, margins = [], []
+        out, margins, tops, lses = [], [], [], []
         row = lg[-1]
         for i in range(n):
             o = np.argsort(-row, kind="stable")
             tok = int(o[0])
             out.append(tok)
             margins.append(f32(row[o[0]] - row[o[1]]))
+            tops.append(f32(row[o[0]]))
+            lses.append(f32(logsumexp(row)))
             if i + 1 < n:
                 self.llm.eval([tok])
                 row = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
-        return lg, out, margins
+        return lg, out, margins, tops, lses
 
     def close(self) -> None:
         self.llm.close() if hasattr(self.llm, "close") else None
         del self.llm
 
 
+def logsumexp(row: np.ndarray) -> float:
+    """log Σ exp(row) in float64: with a logit, the log-probability an OpenAI `logprobs` answer reports."""
+    r = row.astype(np.float64)
+    m = r.max()
+    return float(m + np.log(np.exp(r - m).sum()))
+
+
 def top_k(row: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-row, kind="stable")[:k]
 
 
-def summarize(run: str, logits: np.ndarray, subset: np.ndarray, d: Path) -> dict[str, Any]:
+def summarize(run: str, logits: np.ndarray, subset: np.ndarray, d: Path, prompt: list[int]) -> dict[str, Any]:
     """Per-position summary of a [n_pos, n_vocab] logits matrix: binaries + JSON fields."""
     ids = np.stack([top_k(r, TOPK) for r in logits])
     top = np.take_along_axis(logits, ids, axis=1)
@@ -712,6 +722,8 @@ def summarize(run: str, logits: np.ndarray, subset: np.ndarray, d: Path) -> dict
         "row_min": [f32(x) for x in logits.min(1)],
         "row_max": [f32(x) for x in logits.max(1)],
         "argmax": [int(x) for x in logits.argmax(1)],
+        "logsumexp": [f32(logsumexp(r)) for r in logits],
+        "next_token_logit": [f32(logits[p, prompt[p + 1]]) for p in range(len(prompt) - 1)],
     }
 
 
@@ -924,13 +936,14 @@ def cmd_refs(args: argparse.Namespace) -> int:
             log(f"llama.cpp {run}")
             lc = LlamaCpp(p, LLAMA_SETTINGS["n_ctx"])
             assert lc.tokenize(PROMPT_TEXT)[:N_PROMPT] == ids
-            lg, gen, margins = lc.greedy(ids, N_GREEDY)
+            lg, gen, margins, top_logits, lses = lc.greedy(ids, N_GREEDY)
             lc.close()
             r = {"run": run, "model": rec["name"], "family": fam, "file": rec["file"], "prompt": fam,
                  "n_vocab": int(lg.shape[1]), "kv_cache_type": LLAMA_SETTINGS["type_k"]}
-            r.update(summarize(run, lg, subset, OUT))
+            r.update(summarize(run, lg, subset, OUT, ids))
             eos = hp["eos"]
-            r["greedy"] = {"ids": gen, "margins": margins, "min_margin": min(margins),
+            r["greedy"] = {"ids": gen, "margins": margins, "logits": top_logits, "logsumexp": lses,
+                           "min_margin": min(margins),
                            "first_eos_index": gen.index(eos) if eos in gen else None}
             if run.endswith("-f32"):
                 ref32 = lg
@@ -1112,7 +1125,7 @@ def gen_transformers(smol_hf: dict[str, Any], smol_ids: list[int], smol_subset: 
     t64 = transformers_logits(d, smol_ids, "float64")
     subset = np.array(smol_subset)
     rec = {"run": "smollm2-hf-f32", "checkpoint": smol_hf["name"], "prompt": "smollm2 (llama_cpp.json prompts)",
-           "token_ids": smol_ids, **summarize("tf.smollm2-hf-f32", t32.astype(np.float32), subset, OUT),
+           "token_ids": smol_ids, **summarize("tf.smollm2-hf-f32", t32.astype(np.float32), subset, OUT, smol_ids),
            "full_logits_rows": {"positions": [0, N_PROMPT - 1],
                                 **write_bin(OUT / "tf.smollm2-hf-f32.rows.f32", t32[[0, N_PROMPT - 1]])},
            "f32_vs_f64": diff_stats(t32, t64)}

@@ -98,6 +98,7 @@ fn main() -> Result<()> {
             most_seqs
         },
         device: args.device,
+        ..EngineOptions::default()
     };
     let mut engine = Engine::new(
         weights,

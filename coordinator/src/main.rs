@@ -19,7 +19,7 @@ use tessera::serve::local::LocalPipeline;
 use tessera::serve::remote::{RemoteOptions, RemotePipeline, WorkerAddr};
 use tessera::serve::{Pipeline, SchedulerConfig};
 use tessera::tokenizer::Tokenizer;
-use tessera_worker::{Device, Engine, EngineOptions};
+use tessera_worker::{Device, Engine, EngineOptions, KvType};
 
 #[derive(Parser)]
 #[command(
@@ -181,6 +181,10 @@ struct ClusterArgs {
         default_value = "cpu"
     )]
     device: Vec<Device>,
+    /// KV cache element type: `f16` (the default, as llama.cpp's) or `f32` (no rounding of keys and
+    /// values, twice the memory; CPU only), for every worker.
+    #[arg(long, value_name = "TYPE", default_value = "f16")]
+    cache_type: KvType,
     /// Restart a worker that exits on its own (the coordinator re-forms the cluster when it is back).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     restart_workers: bool,
@@ -202,6 +206,10 @@ struct EngineArgs {
         env = "TESSERA_DEVICE"
     )]
     device: Device,
+    /// KV cache element type: `f16` (the default, as llama.cpp's) or `f32` (no rounding of keys and
+    /// values, twice the memory; CPU only).
+    #[arg(long, value_name = "TYPE", default_value = "f16")]
+    cache_type: KvType,
 }
 
 impl EngineArgs {
@@ -290,6 +298,7 @@ fn run(args: RunArgs) -> Result<()> {
         max_batch_tokens: 512,
         max_logits: 1,
         device: args.engine.device,
+        kv_type: args.engine.cache_type,
     };
     let params = SamplingParams {
         temperature: args.temp,
@@ -404,6 +413,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_batch_tokens: 512,
             max_logits: 64,
             device: args.engine.device,
+            kv_type: args.engine.cache_type,
         };
         let (pipeline, model) = LocalPipeline::open(&args.model, threads, args.listen.ctx, options)
             .with_context(|| format!("opening {}", args.model[0].display()))?;
@@ -518,7 +528,12 @@ fn cluster(args: ClusterArgs) -> Result<()> {
         pp: topo.pp,
         threads,
         devices: args.device.clone(),
-        extra_args: vec!["--max-context".into(), args.listen.ctx.to_string()],
+        extra_args: vec![
+            "--max-context".into(),
+            args.listen.ctx.to_string(),
+            "--cache-type".into(),
+            args.cache_type.to_string(),
+        ],
         run_dir: run_dir.clone(),
         ready_timeout: std::time::Duration::from_secs(600),
     })

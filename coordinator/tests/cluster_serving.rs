@@ -7,13 +7,11 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::*;
 use tessera::launcher::LocalCluster;
-use tessera::serve::SchedulerConfig;
 use tessera::serve::remote::{RemoteOptions, RemotePipeline};
 use tessera_proto::v1::tessera_client::TesseraClient;
 use tessera_proto::v1::{GenerateRequest, SamplingParams, generate_request::Input};
@@ -37,46 +35,17 @@ impl Served {
         let served =
             tessera::server::model_from_shards(&workers.spec.shard_dir, &manifest, 512).unwrap();
         let model_id = served.id.clone();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (tx, rx) = mpsc::channel();
         let addrs = workers.worker_addrs();
-        rt.spawn(async move {
-            let pipeline = RemotePipeline::connect(manifest, addrs, RemoteOptions::default())
-                .expect("connect");
-            let result = tessera::server::run(
-                served,
-                pipeline,
-                SchedulerConfig::default(),
-                Some("127.0.0.1:0".parse().unwrap()),
-                Some("127.0.0.1:0".parse().unwrap()),
-                move |bound| {
-                    tx.send(bound).unwrap();
-                    Ok(())
-                },
-                async move {
-                    let _ = stopped.await;
-                },
-            )
-            .await;
-            if let Err(e) = result {
-                panic!("server: {e:#}");
-            }
+        let Coordinator { rt, bound, stop } = start_coordinator(served, move || {
+            RemotePipeline::connect(manifest, addrs, RemoteOptions::default()).expect("connect")
         });
-        let bound = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server binds");
         let s = Served {
             rt,
             workers,
             http: bound.http.unwrap(),
             grpc: bound.grpc.unwrap(),
             model_id,
-            stop: Some(stop),
+            stop,
             _dir: dir,
         };
         s.wait_health(200, Duration::from_secs(60));

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::backend::Device;
 use crate::engine::EngineOptions;
+use crate::kv_cache::KvType;
 use crate::peer::PeerListener;
 use crate::service::{ServiceOptions, WorkerService, serve};
 use crate::weights::ShardDir;
@@ -59,6 +60,11 @@ pub struct WorkerArgs {
         env = "TESSERA_DEVICE"
     )]
     pub device: Device,
+
+    /// KV cache element type: `f16` (the default, as llama.cpp's) or `f32` (no rounding of keys and values,
+    /// twice the memory; CPU only).
+    #[arg(long, value_name = "TYPE", default_value = "f16")]
+    pub cache_type: KvType,
 
     /// Threads for the compute kernels. Default: every available core.
     #[arg(long, value_name = "N")]
@@ -182,6 +188,7 @@ fn options(args: &WorkerArgs, shard: &ShardDir) -> anyhow::Result<ServiceOptions
             max_batch_tokens: args.max_batch_tokens,
             max_logits: args.max_logits,
             device: args.device,
+            kv_type: args.cache_type,
         },
         max_context,
         kv_budget_bytes,

@@ -30,6 +30,9 @@ pub struct EngineOptions {
     pub max_logits: usize,
     /// Where the forward pass runs (the CPU, or a GPU that then holds the weights and KV caches).
     pub device: Device,
+    /// Element type of the KV caches [`Engine::new_cache`] makes: f16 (llama.cpp's default), or f32 on the
+    /// CPU (no rounding of K and V, twice the memory: what exact comparisons with an f32 reference need).
+    pub kv_type: KvType,
 }
 
 impl Default for EngineOptions {
@@ -38,6 +41,7 @@ impl Default for EngineOptions {
             max_batch_tokens: 512,
             max_logits: 64,
             device: Device::Cpu,
+            kv_type: KvType::F16,
         }
     }
 }
@@ -119,6 +123,15 @@ impl<'m> Engine<'m> {
             };
         }
         let device = options.device;
+        if device != Device::Cpu && options.kv_type != KvType::F16 {
+            return Err(Error::Device {
+                device: device.to_string(),
+                msg: format!(
+                    "{} KV caches are CPU-only (reference comparisons); GPU caches are f16",
+                    options.kv_type
+                ),
+            });
+        }
         let backend = match device {
             Device::Cpu => Backends::Cpu(CpuBackend::new(pool, lens, t)),
             Device::Cuda(ordinal) => Backends::Cuda(Box::new(CudaBackend::new(
@@ -194,13 +207,15 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// An f16 KV cache for one sequence of up to `ctx` tokens on this shard (see [`KvCache::new`]).
-    /// On a GPU engine the cache is in GPU memory.
+    /// A KV cache of the engine's [`EngineOptions::kv_type`] for one sequence of up to `ctx` tokens on this
+    /// shard (see [`KvCache::new`]). On a GPU engine the cache is in GPU memory.
     pub fn new_cache(&self, ctx: usize, budget_bytes: Option<u64>) -> Result<KvCache> {
-        match &self.backend {
-            Backends::Cpu(_) => KvCache::new(&self.config, &self.spec, ctx, budget_bytes),
-            Backends::Cuda(b) => b.new_cache(&self.config, &self.spec, ctx, budget_bytes),
-        }
+        self.new_cache_of(ctx, self.options.kv_type, budget_bytes)
+    }
+
+    /// Bytes of a cache [`Engine::new_cache`] would make for `ctx` tokens, before allocating it.
+    pub fn cache_bytes(&self, ctx: usize) -> Result<u64> {
+        KvCache::memory_bytes_of(&self.config, &self.spec, ctx, self.options.kv_type)
     }
 
     /// As [`Engine::new_cache`], with elements of type `ty`.

@@ -36,6 +36,30 @@ pub enum KvType {
     F32,
 }
 
+impl std::str::FromStr for KvType {
+    type Err = String;
+
+    /// The names llama.cpp's `--cache-type-k` uses for these types.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f16" => Ok(KvType::F16),
+            "f32" => Ok(KvType::F32),
+            _ => Err(format!(
+                "unknown KV cache type {s:?}: expected `f16` (the default) or `f32`"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvType::F16 => "f16",
+            KvType::F32 => "f32",
+        })
+    }
+}
+
 impl KvType {
     /// Bytes of one K or V element.
     pub const fn elem_bytes(self) -> u64 {
@@ -385,6 +409,16 @@ mod tests {
     use tessera_kernels::quant::GgmlType;
 
     use super::*;
+
+    #[test]
+    fn kv_type_names_are_llama_cpp_s() {
+        for ty in [KvType::F16, KvType::F32] {
+            assert_eq!(ty.to_string().parse::<KvType>(), Ok(ty));
+        }
+        assert_eq!(" F32 ".parse::<KvType>(), Ok(KvType::F32));
+        let err = "q8_0".parse::<KvType>().unwrap_err();
+        assert!(err.contains("\"q8_0\"") && err.contains("`f16`"), "{err}");
+    }
 
     fn shard(
         preset: Preset,

@@ -86,7 +86,7 @@ impl<'m> Sequences<'m> {
 
     /// Runs one batch: `tokens` on the first stage, `hidden` (`n_tokens × n_embd`, sequences in order) on
     /// later stages, as [`Engine::forward`] takes them. A `seq_id` not yet known with `start_pos` 0 creates
-    /// its f16 KV cache of `context` positions (0: `max_context`).
+    /// its KV cache (of the engine's `kv_type`) of `context` positions (0: `max_context`).
     ///
     /// Errors: [`Error::Batch`] (naming the `seq_id` and field) for an unknown id that does not start at 0, a
     /// known id whose `start_pos` is not its cache length, an id twice in the batch, a new sequence's
@@ -184,7 +184,7 @@ impl<'m> Sequences<'m> {
                             "seq_id {id}: positions 0..{end} exceed its context of {ctx} tokens"
                         ));
                     }
-                    let bytes = KvCache::memory_bytes(&self.engine.config, &self.engine.spec, ctx)?;
+                    let bytes = self.engine.cache_bytes(ctx)?;
                     new_bytes = new_bytes.saturating_add(bytes);
                 }
             }

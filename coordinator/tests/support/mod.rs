@@ -7,7 +7,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use tessera::launcher::{LaunchSpec, LocalCluster, prepare_shards};
+use tessera::serve::{Pipeline, SchedulerConfig, ServedModel};
+use tessera::server::BoundAddrs;
 
 /// `$TESSERA_CACHE/models` (default `~/.cache/tessera/models`), filled by `scripts/fetch-test-data.sh`.
 pub fn models_dir() -> PathBuf {
@@ -46,6 +50,17 @@ pub fn worker_command() -> Vec<String> {
 
 /// Splits `model` into `dir` for tp × pp and starts one worker process per shard (one thread each).
 pub fn start_workers(model: &Path, tp: usize, pp: usize, dir: &Path) -> LocalCluster {
+    start_workers_with(model, tp, pp, dir, &[])
+}
+
+/// As [`start_workers`], with `extra` appended to every worker's command line.
+pub fn start_workers_with(
+    model: &Path,
+    tp: usize,
+    pp: usize,
+    dir: &Path,
+    extra: &[&str],
+) -> LocalCluster {
     let (shards, _) = prepare_shards(
         &[model.to_owned()],
         Some(tp),
@@ -61,11 +76,64 @@ pub fn start_workers(model: &Path, tp: usize, pp: usize, dir: &Path) -> LocalClu
         pp,
         threads: 1,
         devices: Vec::new(),
-        extra_args: vec!["--max-context".into(), "512".into()],
+        extra_args: ["--max-context", "512"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect(),
         run_dir: dir.join("run"),
         ready_timeout: Duration::from_secs(120),
     })
     .expect("workers start")
+}
+
+/// The coordinator's front ends (scheduler, HTTP and gRPC on 127.0.0.1) over the pipeline `make` returns,
+/// called on the returned runtime (a remote pipeline spawns its links there), until `stop` fires.
+pub struct Coordinator {
+    pub rt: tokio::runtime::Runtime,
+    pub bound: BoundAddrs,
+    pub stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+pub fn start_coordinator(
+    model: ServedModel,
+    make: impl FnOnce() -> Arc<dyn Pipeline> + Send + 'static,
+) -> Coordinator {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let result = tessera::server::run(
+            model,
+            make(),
+            SchedulerConfig::default(),
+            Some("127.0.0.1:0".parse().unwrap()),
+            Some("127.0.0.1:0".parse().unwrap()),
+            move |bound| {
+                tx.send(bound).unwrap();
+                Ok(())
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        )
+        .await;
+        if let Err(e) = result {
+            panic!("server: {e:#}");
+        }
+    });
+    let bound = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server binds");
+    Coordinator {
+        rt,
+        bound,
+        stop: Some(stop),
+    }
 }
 
 /// One HTTP/1.1 exchange (`Connection: close`); returns status and body.

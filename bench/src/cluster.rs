@@ -69,6 +69,7 @@ async fn decode_latency(p: &dyn Pipeline, prompt: &[u32], steps: &[u32]) -> Resu
             // What the scheduler asks for a greedy request: the best logit of each rank's slice.
             top_k: 1,
             context: ctx,
+            prefix_from: None,
         }],
     };
     p.forward(&seq(0, prompt.to_vec())).await?;

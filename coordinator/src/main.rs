@@ -104,6 +104,12 @@ struct ListenArgs {
     /// Most requests waiting for a slot; more are refused with 429 / RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 256)]
     max_queued: usize,
+    /// KV cache positions that finished requests keep on the model (the sum of their context sizes) so that
+    /// a prompt starting with the same tokens (the next turn of a chat, a shared system prompt) reuses their
+    /// keys and values instead of prefilling them again; least recently used first out, and dropped first
+    /// when KV memory runs out. 0 turns prompt-prefix reuse off.
+    #[arg(long, value_name = "N", default_value_t = 8192)]
+    prefix_cache_tokens: usize,
     /// Write the bound addresses (`http=ADDR`, `grpc=ADDR`) to this file once listening (useful with port 0).
     #[arg(long, value_name = "PATH")]
     addr_file: Option<PathBuf>,
@@ -123,6 +129,7 @@ impl ListenArgs {
         SchedulerConfig {
             max_running: self.max_running,
             max_queued: self.max_queued,
+            prefix_cache_tokens: self.prefix_cache_tokens,
             ..SchedulerConfig::default()
         }
     }

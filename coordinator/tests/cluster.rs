@@ -165,6 +165,7 @@ fn cluster_run(
                 all_logits: false,
                 top_k: 0,
                 context: 512,
+                prefix_from: None,
             }],
         };
         let logits = pipeline

@@ -106,6 +106,7 @@ fn tiny_config() -> SchedulerConfig {
         // Prompts span several chunks, so prefill chunks and decode tokens share batches.
         prefill_chunk: 16,
         max_batch_tokens: None,
+        prefix_cache_tokens: 0,
     }
 }
 
@@ -1081,4 +1082,121 @@ fn local_pipeline_open_serves_a_checkpoint() {
     assert_eq!(err, "threads must be at least 1, got 0");
     let err = open_err(&[fixtures().join("missing.gguf")], 1);
     assert!(err.contains("missing.gguf"), "{err}");
+}
+
+/// Three turns of a conversation and a burst of prompts sharing a preamble, through a scheduler that keeps
+/// finished sequences' prefixes and one that does not: every answer (tokens, log-probabilities, usage) is
+/// identical, and the first reused what it should.
+async fn check_prefix_reuse(path: &Path, options: EngineOptions, context: usize) {
+    let tok = tokenizer(path);
+    let pipeline = || -> Arc<LocalPipeline> {
+        Arc::new(LocalPipeline::new(Sequences::new(engine(path, options), context, None)).unwrap())
+    };
+    let kept = Scheduler::start(
+        pipeline(),
+        tok.clone(),
+        SchedulerConfig {
+            prefix_cache_tokens: 4 * context,
+            ..tiny_config()
+        },
+    );
+    let fresh = Scheduler::start(pipeline(), tok.clone(), tiny_config());
+    let req = |prompt: Vec<u32>, seed: u64| GenRequest {
+        prompt,
+        params: no_eog(
+            &tok,
+            SamplingParams {
+                temperature: 0.8,
+                seed: Some(seed),
+                max_tokens: Some(8),
+                logprobs: Some(2),
+                ..SamplingParams::default()
+            },
+        ),
+    };
+    let both = async |r: GenRequest| -> Output {
+        let a = collect(kept.submit(r.clone()).unwrap()).await;
+        let b = collect(fresh.submit(r).unwrap()).await;
+        assert!(a.error().is_none(), "{a:?}");
+        assert_eq!(a, b, "kept prefixes changed an answer");
+        a
+    };
+    let cut = |mut v: Vec<u32>, n: usize| {
+        v.truncate(n);
+        v
+    };
+    let turn1 = cut(tiny_prompts(&tok, 8).concat(), context / 4);
+    let first = both(req(turn1.clone(), 1)).await;
+    assert_eq!(kept.stats().prefix_reused_tokens, 0);
+    // The next turn: the whole first exchange, then more. Its cache holds all but the last token generated.
+    let mut turn2 = turn1.clone();
+    turn2.extend(first.ids());
+    turn2.extend(cut(tiny_prompts(&tok, 2).concat(), 10));
+    both(req(turn2, 2)).await;
+    let reused = turn1.len() + 7;
+    assert_eq!(kept.stats().prefix_reused_tokens, reused as u64);
+    // The first turn again (a regenerate): all but its last prompt token come from the cache.
+    both(req(turn1.clone(), 3)).await;
+    let reused = reused + turn1.len() - 1;
+    assert_eq!(kept.stats().prefix_reused_tokens, reused as u64);
+    // Several at once sharing a preamble, some of them copying from the same kept sequence.
+    let burst: Vec<GenRequest> = tiny_prompts(&tok, 5)
+        .into_iter()
+        .enumerate()
+        .map(|(i, tail)| req([turn1.clone(), cut(tail, 10)].concat(), 10 + i as u64))
+        .collect();
+    let together = run_together(&kept, &burst).await;
+    let alone = run_alone(&fresh, &burst).await;
+    assert_eq!(together, alone, "kept prefixes changed a concurrent answer");
+    assert!(kept.stats().prefix_reused_tokens >= (reused + 5 * turn1.len()) as u64);
+    assert!(kept.stats().prefixes_kept >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_prompt_prefixes_answer_as_fresh_runs() {
+    check_prefix_reuse(&tiny_path(), tiny_options(), TINY_CONTEXT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_reused_prompt_prefixes_answer_as_fresh_runs() {
+    let Some(path) = cached_model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    check_prefix_reuse(&path, tiny_options(), 512).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_prefixes_give_way_to_new_requests() {
+    let tok = tokenizer(&tiny_path());
+    let (prompt_len, max_tokens) = (6, 10);
+    let one = engine(&tiny_path(), tiny_options())
+        .new_cache(prompt_len + max_tokens, None)
+        .unwrap()
+        .bytes();
+    // Room for one sequence: each request finds the previous one kept, and must have its memory.
+    let pipeline = tiny_pipeline(Some(one + one / 2));
+    let config = SchedulerConfig {
+        prefix_cache_tokens: 1024,
+        ..tiny_config()
+    };
+    let handle = Scheduler::start(pipeline.clone(), tok.clone(), config);
+    for i in 0..3u32 {
+        let req = GenRequest {
+            prompt: (0..prompt_len as u32).map(|k| 1 + i * 10 + k).collect(),
+            params: no_eog(
+                &tok,
+                SamplingParams {
+                    max_tokens: Some(max_tokens),
+                    ..SamplingParams::default()
+                },
+            ),
+        };
+        let out = collect(handle.submit(req).unwrap()).await;
+        assert_eq!(out.tokens.len(), max_tokens, "request {i}: {out:?}");
+        assert_eq!(handle.stats().prefixes_kept, 1, "request {i}");
+    }
+    wait_until("the evicted sequences are released", async || {
+        pipeline.stats().await.unwrap().sequences == 1
+    })
+    .await;
 }

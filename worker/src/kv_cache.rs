@@ -377,6 +377,64 @@ impl KvCache {
         Ok(())
     }
 
+    /// Fills positions `0..len` of this empty cache with `src`'s (the same shard and element type, any
+    /// context): a new sequence that starts with another's first `len` tokens reuses their keys and values
+    /// instead of recomputing them. The copy is exact, so the sequence continues as if it had run them.
+    pub fn copy_prefix(&mut self, src: &KvCache, len: usize) -> Result<()> {
+        let refuse = |msg: String| Err(Error::KvCache(msg));
+        if !self.is_empty() {
+            return refuse(format!(
+                "a prefix is copied into an empty cache, this one holds {} positions",
+                self.len
+            ));
+        }
+        if !src.fits(&self.layers, &self.kv_heads, self.head_dim) || src.kv_type() != self.kv_type()
+        {
+            return refuse("the prefix's cache is of another shard or element type".into());
+        }
+        if len > src.len || len > self.ctx {
+            return refuse(format!(
+                "a prefix of {len} positions: the source holds {}, this cache takes {}",
+                src.len, self.ctx
+            ));
+        }
+        let row = self.kv_heads.len() * self.head_dim;
+        let (n_dst, n_src, n) = (self.layer_elems(), src.layer_elems(), len * row);
+        let ranges =
+            (0..self.layers.len()).map(|l| (l * n_dst..l * n_dst + n, l * n_src..l * n_src + n));
+        match (&mut self.data, &src.data) {
+            (Data::F16 { k, v }, Data::F16 { k: sk, v: sv }) => {
+                for (d, s) in ranges {
+                    k[d.clone()].copy_from_slice(&sk[s.clone()]);
+                    v[d].copy_from_slice(&sv[s]);
+                }
+            }
+            (Data::F32 { k, v }, Data::F32 { k: sk, v: sv }) => {
+                for (d, s) in ranges {
+                    k[d.clone()].copy_from_slice(&sk[s.clone()]);
+                    v[d].copy_from_slice(&sv[s]);
+                }
+            }
+            (Data::Gpu { k, v }, Data::Gpu { k: sk, v: sv }) => {
+                let stream = k.stream().clone();
+                for (d, s) in ranges {
+                    let copy = |dst: &mut CudaSlice<u16>, src: &CudaSlice<u16>| {
+                        stream
+                            .memcpy_dtod(&src.slice(s.clone()), &mut dst.slice_mut(d.clone()))
+                            .map_err(|e| {
+                                Error::KvCache(format!("copying a KV prefix on the GPU: {e}"))
+                            })
+                    };
+                    copy(k, sk)?;
+                    copy(v, sv)?;
+                }
+            }
+            _ => return refuse("the prefix's cache is in another memory".into()),
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// Whether this cache was made for a shard with these layers and KV heads.
     pub(crate) fn fits(
         &self,

@@ -27,6 +27,10 @@ pub struct SeqInput {
     pub logits: Logits,
     /// KV cache size of a new sequence (0: `max_context`); ignored for a known one.
     pub context: usize,
+    /// A new sequence that starts at `start_pos` > 0: positions `0..start_pos` of its cache are copied from
+    /// this live sequence (prompt-prefix reuse; the source must hold them and not be in the batch). Ignored
+    /// for a known sequence.
+    pub prefix_from: Option<u64>,
 }
 
 /// A shard engine and the KV caches of the sequences it is running. See the module doc.
@@ -165,12 +169,36 @@ impl<'m> Sequences<'m> {
                     }
                 }
                 None => {
-                    if s.start_pos != 0 {
-                        return err(format!(
-                            "seq_id {id} is unknown (never started, released, or from before a restart) and \
-                             start_pos is {}: a new sequence starts at 0",
-                            s.start_pos
-                        ));
+                    match s.prefix_from {
+                        None if s.start_pos != 0 => {
+                            return err(format!(
+                                "seq_id {id} is unknown (never started, released, or from before a restart) \
+                                 and start_pos is {}: a new sequence starts at 0, or copies its first start_pos \
+                                 positions from prefix_from",
+                                s.start_pos
+                            ));
+                        }
+                        None => {}
+                        Some(src) => {
+                            if seqs.iter().any(|o| o.seq_id == src) {
+                                return err(format!(
+                                    "seq_id {id}: its prefix_from {src} is in the same batch"
+                                ));
+                            }
+                            let Some(from) = self.caches.get(&src) else {
+                                return err(format!(
+                                    "seq_id {id}: prefix_from {src} is not a live sequence (released, or from \
+                                     before a restart)"
+                                ));
+                            };
+                            if from.len() < s.start_pos {
+                                return err(format!(
+                                    "seq_id {id}: start_pos {} but prefix_from {src} holds only {} positions",
+                                    s.start_pos,
+                                    from.len()
+                                ));
+                            }
+                        }
                     }
                     if s.context > self.max_context {
                         return err(format!(
@@ -223,7 +251,7 @@ impl<'m> Sequences<'m> {
                     cache,
                     created: false,
                 },
-                None => match self.engine.new_cache(self.new_context(s), None) {
+                None => match self.new_cache(s) {
                     Ok(cache) => {
                         self.kv_bytes += cache.bytes();
                         Taken {
@@ -247,6 +275,17 @@ impl<'m> Sequences<'m> {
             self.taken.push(taken);
         }
         Ok(())
+    }
+
+    /// A new sequence's cache, with its prefix copied when it has one (`check` vetted the source).
+    fn new_cache(&self, s: &SeqInput) -> Result<KvCache> {
+        let mut cache = self.engine.new_cache(self.new_context(s), None)?;
+        if let Some(src) = s.prefix_from.and_then(|id| self.caches.get(&id)) {
+            cache
+                .copy_prefix(src, s.start_pos)
+                .map_err(|e| Error::Batch(format!("seq_id {}: prefix_from: {e}", s.seq_id)))?;
+        }
+        Ok(cache)
     }
 
     /// Frees the KV caches of `seq_ids`; unknown ids are ignored.
@@ -354,6 +393,7 @@ mod tests {
             n_tokens,
             logits: Logits::All,
             context: 0,
+            prefix_from: None,
         }
     }
 
@@ -417,6 +457,65 @@ mod tests {
         seqs.reset();
         assert!(seqs.is_empty());
         assert_eq!(seqs.kv_bytes(), 0);
+    }
+
+    #[test]
+    fn a_copied_prefix_continues_exactly() {
+        let ckpt = checkpoint();
+        let v = ckpt.config.n_vocab;
+        let a = prompt(1, 10, v);
+        let other = prompt(5, 4, v);
+        let mut seqs = Sequences::new(engine(&ckpt), 32, None);
+        let rows = |seqs: &mut Sequences<'_>, input: SeqInput, tokens: &[u32]| {
+            let out = seqs.forward(&[input], tokens, &[]).unwrap();
+            out.logits().unwrap().to_vec()
+        };
+        // Sequence 1 runs a[..6] then goes elsewhere; sequence 2 runs all of a in the same two chunks.
+        rows(&mut seqs, seq(1, 0, 6), &a[..6]);
+        rows(&mut seqs, seq(1, 6, 4), &other);
+        rows(&mut seqs, seq(2, 0, 6), &a[..6]);
+        let want = rows(&mut seqs, seq(2, 6, 4), &a[6..]);
+        // Sequence 3 takes a[..6]'s keys and values from sequence 1 and runs only a[6..].
+        let reuse = SeqInput {
+            prefix_from: Some(1),
+            ..seq(3, 6, 4)
+        };
+        let got = rows(&mut seqs, reuse, &a[6..]);
+        assert_eq!(
+            got, want,
+            "rows after a copied prefix differ from a full run"
+        );
+        assert_eq!(
+            (seqs.seq_len(1), seqs.seq_len(3)),
+            (Some(10), Some(10)),
+            "the source is untouched"
+        );
+
+        let before = (seqs.len(), seqs.kv_bytes());
+        let refused = |seqs: &mut Sequences<'_>, inputs: &[SeqInput], want: &str| {
+            let n = inputs.iter().map(|s| s.n_tokens).sum();
+            let Err(err) = seqs.forward(inputs, &a[..n], &[]) else {
+                panic!("{inputs:?} was accepted");
+            };
+            assert!(err.to_string().contains(want), "{err}");
+        };
+        let from = |src: u64, id: u64, start: usize| SeqInput {
+            prefix_from: Some(src),
+            ..seq(id, start, 1)
+        };
+        refused(
+            &mut seqs,
+            &[from(99, 4, 3)],
+            "prefix_from 99 is not a live sequence",
+        );
+        refused(&mut seqs, &[from(1, 4, 11)], "holds only 10 positions");
+        refused(
+            &mut seqs,
+            &[seq(1, 10, 1), from(1, 4, 3)],
+            "is in the same batch",
+        );
+        refused(&mut seqs, &[seq(4, 3, 1)], "a new sequence starts at 0");
+        assert_eq!((seqs.len(), seqs.kv_bytes()), before);
     }
 
     #[test]

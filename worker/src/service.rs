@@ -399,6 +399,7 @@ impl WorkerService {
                     n_tokens: q.n_tokens as usize,
                     logits,
                     context: q.context as usize,
+                    prefix_from: q.prefix_from,
                 })
             })
             .collect::<Result<Vec<_>, Status>>()?;

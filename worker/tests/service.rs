@@ -160,6 +160,7 @@ fn seq(seq_id: u64, start_pos: usize, n_tokens: usize, logits: LogitsMode) -> Se
         logits: logits as i32,
         context: 0,
         top_k: 0,
+        prefix_from: None,
     }
 }
 

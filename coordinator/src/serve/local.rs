@@ -413,6 +413,7 @@ fn forward(
                 (true, true) => Logits::All,
             },
             context: s.context,
+            prefix_from: s.prefix_from,
         });
         tokens.extend_from_slice(&s.tokens);
     }
@@ -447,6 +448,7 @@ fn health(seqs: &mut Sequences<'static>) -> Result<(), PipelineError> {
         n_tokens: 1,
         logits: Logits::Last,
         context: 1,
+        prefix_from: None,
     };
     // A probe that died halfway (it never does; belt and braces) must not block the next one.
     seqs.release(&[HEALTH_SEQ_ID]);

@@ -9,6 +9,7 @@
 //! The API front ends (`crate::api`) only see the types in this module and [`SchedulerHandle`].
 pub mod local;
 pub mod pipeline;
+mod prefix;
 pub mod remote;
 pub mod scheduler;
 

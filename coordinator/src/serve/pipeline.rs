@@ -47,6 +47,9 @@ pub struct SeqStep {
     pub top_k: usize,
     /// KV cache size to allocate for a new sequence (prompt + most tokens it may generate).
     pub context: usize,
+    /// A new sequence starting at `start_pos` > 0 copies positions `0..start_pos` from this live sequence
+    /// (a reused prompt prefix, see `serve::prefix`).
+    pub prefix_from: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -199,4 +202,10 @@ pub trait Pipeline: Send + Sync + 'static {
     /// Really runs the model: a one-token sequence through every stage and rank (then released), within a
     /// few seconds. `Ok` means the pipeline can serve now.
     fn health(&self) -> BoxFuture<'_, Result<(), PipelineError>>;
+
+    /// Names the pipeline's current set of live sequences: it changes when they are all lost (the workers
+    /// re-formed), so that sequences kept from before are not referred to again. Constant in process.
+    fn epoch(&self) -> u64 {
+        0
+    }
 }

@@ -736,6 +736,7 @@ impl RemotePipeline {
                 all_logits: false,
                 top_k: 0,
                 context: 1,
+                prefix_from: None,
             }],
         };
         let result = self.run(&batch).await;
@@ -773,6 +774,7 @@ fn seq_input(s: &SeqStep) -> Result<SeqInput, PipelineError> {
         } as i32,
         context: u32_of("context", s.context)?,
         top_k: u32_of("top_k", s.row_top_k())?,
+        prefix_from: s.prefix_from,
     })
 }
 
@@ -1171,6 +1173,14 @@ async fn supervise(me: Weak<RemotePipeline>, mut rx: watch::Receiver<GroupState>
 impl Pipeline for RemotePipeline {
     fn info(&self) -> PipelineInfo {
         self.layout().info
+    }
+
+    /// The group's epoch while Healthy; while Down, one no sequence was made in.
+    fn epoch(&self) -> u64 {
+        match self.state() {
+            GroupState::Healthy { epoch } => epoch,
+            GroupState::Down(_) => u64::MAX,
+        }
     }
 
     fn forward<'a>(

@@ -30,6 +30,9 @@
 //!   (the client may retry; the scheduler does not); the batch's running sequences are untouched. On a
 //!   multi-stage pipeline earlier stages may have run the batch, so its new sequences fail with `Overloaded`
 //!   and its running ones with `Unavailable`. `Internal` fails the batch's sequences.
+//! - Prompt prefixes (`prefix_cache_tokens` > 0, see `serve::prefix`): a finished sequence's KV caches stay
+//!   on the pipeline, and a new prompt that starts with its tokens copies them (`SeqStep::prefix_from`) and
+//!   prefills only the rest. Kept sequences are the first to go when the pipeline runs out of KV memory.
 //!
 //! Request ids are sequence ids from one process-wide counter, so schedulers sharing a pipeline never clash.
 
@@ -42,6 +45,7 @@ use futures::future::join_all;
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, warn};
 
+use super::prefix::PrefixCache;
 use super::{
     BatchLogits, GenEvent, GenReceiver, GenRequest, LogitsRow, Pipeline, PipelineError,
     PipelineInfo, SeqStep, ServeError, StepBatch, TokenEvent, Usage,
@@ -56,6 +60,8 @@ pub const PROMPT_TOKENS_TOTAL: &str = "tessera_prompt_tokens_total";
 pub const GENERATION_TOKENS_TOTAL: &str = "tessera_generation_tokens_total";
 pub const REQUESTS_RUNNING: &str = "tessera_requests_running";
 pub const REQUESTS_QUEUED: &str = "tessera_requests_queued";
+/// Prompt tokens whose keys and values were copied from a kept sequence instead of computed.
+pub const PREFIX_REUSED_TOKENS_TOTAL: &str = "tessera_prefix_reused_tokens_total";
 pub const TIME_TO_FIRST_TOKEN: &str = "tessera_time_to_first_token_seconds";
 pub const STEP_SECONDS: &str = "tessera_step_seconds";
 
@@ -83,6 +89,9 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// Tokens per step; `None`: the pipeline's `max_batch_tokens` (a larger value is capped to it).
     pub max_batch_tokens: Option<usize>,
+    /// KV positions (the sum of their context sizes) that finished sequences may keep on the pipeline for
+    /// prompts that start with their tokens; 0 (the default here; `tessera serve` turns it on) keeps none.
+    pub prefix_cache_tokens: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -92,6 +101,7 @@ impl Default for SchedulerConfig {
             max_queued: 256,
             prefill_chunk: 256,
             max_batch_tokens: None,
+            prefix_cache_tokens: 0,
         }
     }
 }
@@ -119,6 +129,7 @@ impl SchedulerConfig {
             max_queued: self.max_queued.max(1),
             prefill_chunk: self.prefill_chunk.max(1),
             max_batch_tokens: self.max_batch_tokens.map(|b| b.max(1)),
+            prefix_cache_tokens: self.prefix_cache_tokens,
         }
     }
 }
@@ -134,6 +145,10 @@ pub struct SchedulerStats {
     pub max_queued: usize,
     /// Micro-batch lanes (the pipeline's stages).
     pub lanes: usize,
+    /// Finished sequences kept for their prompt prefixes.
+    pub prefixes_kept: usize,
+    /// Prompt tokens copied from kept sequences instead of computed, since the start.
+    pub prefix_reused_tokens: u64,
 }
 
 /// Starts schedulers; see the module doc.
@@ -168,6 +183,8 @@ impl Scheduler {
             failures: AtomicU64::new(0),
             last_failure: Mutex::new(String::new()),
             health: tokio::sync::Mutex::new(None),
+            prefixes: Mutex::new(PrefixCache::new(config.prefix_cache_tokens)),
+            prefix_reused: AtomicU64::new(0),
         });
         for index in 0..n_lanes {
             let lane = Lane {
@@ -284,6 +301,8 @@ impl SchedulerHandle {
             max_running: self.shared.config.max_running,
             max_queued: self.shared.config.max_queued,
             lanes: self.shared.n_lanes,
+            prefixes_kept: self.shared.prefixes().len(),
+            prefix_reused_tokens: self.shared.prefix_reused.load(Ordering::Acquire),
         }
     }
 }
@@ -420,12 +439,18 @@ struct Shared {
     failures: AtomicU64,
     last_failure: Mutex<String>,
     health: tokio::sync::Mutex<Option<(Instant, Result<(), ServeError>)>>,
+    prefixes: Mutex<PrefixCache>,
+    prefix_reused: AtomicU64,
 }
 
 impl Shared {
     /// Nothing panics while holding these locks, but a poisoned lock must not take the server down.
     fn queue(&self) -> MutexGuard<'_, VecDeque<Pending>> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn prefixes(&self) -> MutexGuard<'_, PrefixCache> {
+        self.prefixes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn note_failure(&self, reason: &str) {
@@ -476,6 +501,11 @@ struct Seq {
     next: Option<u32>,
     /// The failure generation when the sequence first reached the pipeline; `None` before.
     started: Option<u64>,
+    /// The kept sequence whose first `pos` positions this one copies in its first forward (pinned there
+    /// until then).
+    prefix_from: Option<u64>,
+    /// Generated tokens fed back (their keys and values are in the cache after the prompt's).
+    fed: Vec<u32>,
     submitted: Instant,
     emitted: bool,
 }
@@ -770,6 +800,30 @@ impl Lane {
                         }],
                         None => Vec::new(),
                     };
+                    // A prompt that asks for every token's log-probability needs every row: no reuse.
+                    let hit = if p.params.prompt_logprobs.is_none() {
+                        let generation = (
+                            self.shared.failures.load(Ordering::Acquire),
+                            self.shared.pipeline.epoch(),
+                        );
+                        self.shared
+                            .prefixes()
+                            .lookup(&p.prompt, generation, &mut self.to_release)
+                    } else {
+                        None
+                    };
+                    if let Some(hit) = hit {
+                        debug!(
+                            seq_id = id,
+                            from = hit.seq_id,
+                            tokens = hit.len,
+                            "reusing a prompt prefix"
+                        );
+                        metrics::counter!(PREFIX_REUSED_TOKENS_TOTAL).increment(hit.len as u64);
+                        self.shared
+                            .prefix_reused
+                            .fetch_add(hit.len as u64, Ordering::AcqRel);
+                    }
                     self.running.push(Seq {
                         id,
                         tx: p.tx,
@@ -779,9 +833,11 @@ impl Lane {
                         prompt: p.prompt,
                         context: p.context,
                         state,
-                        pos: 0,
+                        pos: hit.map_or(0, |h| h.len),
                         next: None,
                         started: None,
+                        prefix_from: hit.map(|h| h.seq_id),
+                        fed: Vec::new(),
                         submitted: p.submitted,
                         emitted: false,
                     });
@@ -823,6 +879,7 @@ impl Lane {
                 all_logits: false,
                 top_k: s.state.candidates_needed(),
                 context: s.context,
+                prefix_from: None,
             });
             plan.push(Planned {
                 index,
@@ -852,13 +909,14 @@ impl Lane {
             let n = end - s.pos;
             let last = end == s.prompt.len();
             let n_rows = if all { n } else { usize::from(last) };
+            let first = s.started.is_none();
             if tokens + n > limits.budget
                 || rows + n_rows > max_logits
-                || (s.pos == 0 && new >= self.new_limit)
+                || (first && new >= self.new_limit)
             {
                 continue;
             }
-            new += usize::from(s.pos == 0);
+            new += usize::from(first);
             batch.seqs.push(SeqStep {
                 seq_id: s.id,
                 start_pos: s.pos,
@@ -867,6 +925,7 @@ impl Lane {
                 all_logits: all,
                 top_k: s.state.candidates_needed(),
                 context: s.context,
+                prefix_from: if first { s.prefix_from } else { None },
             });
             plan.push(Planned {
                 index,
@@ -874,7 +933,7 @@ impl Lane {
                 first_row: rows,
                 n_rows,
                 sample: last,
-                new: s.pos == 0,
+                new: first,
             });
             tokens += n;
             rows += n_rows;
@@ -929,6 +988,12 @@ impl Lane {
             let s = &mut self.running[p.index];
             s.started.get_or_insert(generation);
             s.pos += p.n_tokens;
+            if let Some(fed) = s.next {
+                s.fed.push(fed);
+            }
+            if let Some(from) = s.prefix_from.take() {
+                self.shared.prefixes().unpin(from);
+            }
             if s.next.is_none() && p.sample {
                 prompt_tokens += s.prompt.len() as u64;
             }
@@ -1026,6 +1091,19 @@ impl Lane {
             }
             PipelineError::ResourceExhausted(msg) => {
                 warn!(lane = self.index, "pipeline out of KV memory: {msg}");
+                let kept = self.shared.prefixes().evict_unpinned();
+                if !kept.is_empty() && n_stages == 1 {
+                    // The single stage refused the batch as a whole: run it again once the kept prefixes'
+                    // memory is free.
+                    debug!(
+                        lane = self.index,
+                        n = kept.len(),
+                        "dropping kept prefixes for memory"
+                    );
+                    self.release(kept);
+                    return;
+                }
+                self.to_release.extend(kept);
                 let n_new = in_batch.iter().filter(|b| **b == Some(true)).count();
                 let overloaded = ServeError::Overloaded(format!(
                     "not enough KV cache memory for new requests: {msg}"
@@ -1089,7 +1167,7 @@ impl Lane {
 
     /// Removes a finished, failed or cancelled sequence from the books; its id joins `release` (and this
     /// returns true) if the pipeline holds its KV cache.
-    fn retire(&mut self, s: Seq, outcome: Outcome, release: &mut Vec<u64>) -> bool {
+    fn retire(&mut self, mut s: Seq, outcome: Outcome, release: &mut Vec<u64>) -> bool {
         debug!(
             lane = self.index,
             seq_id = s.id,
@@ -1099,13 +1177,28 @@ impl Lane {
         );
         self.shared.running.fetch_sub(1, Ordering::AcqRel);
         count_request(outcome.label());
-        let started = s.started.is_some();
-        if started {
-            release.push(s.id);
-            // Its KV memory is about to be freed: new sequences may fit again.
-            self.new_limit = usize::MAX;
+        if let Some(from) = s.prefix_from.take() {
+            self.shared.prefixes().unpin(from);
         }
-        started
+        let Some(failures) = s.started else {
+            return false;
+        };
+        let generation = (failures, self.shared.pipeline.epoch());
+        // Its KV memory is about to be freed (or kept for its prefix, evicting when memory runs out): new
+        // sequences may fit again.
+        self.new_limit = usize::MAX;
+        if matches!(outcome, Outcome::Finished(_)) && s.prompt.len() + s.fed.len() == s.pos {
+            let mut tokens = std::mem::take(&mut s.prompt);
+            tokens.append(&mut s.fed);
+            release.extend(
+                self.shared
+                    .prefixes()
+                    .insert(s.id, tokens, s.context, generation),
+            );
+        } else {
+            release.push(s.id);
+        }
+        true
     }
 
     /// After retiring sequences: queues their KV caches for release, and lets an idle lane take the freed

@@ -379,3 +379,59 @@ fn best_logits_give_what_whole_rows_give() {
     });
     drop(workers);
 }
+
+/// Prompt-prefix reuse across a TP=2 × PP=2 cluster: every rank of every stage copies its slice of the kept
+/// sequence's caches, and the next turn of a conversation answers as it does without reuse.
+#[test]
+fn reused_prefixes_on_a_cluster_answer_as_fresh_runs() {
+    let Some(path) = model(SMOLLM2) else {
+        return;
+    };
+    let ckpt = Checkpoint::open(std::slice::from_ref(&path)).unwrap();
+    let tok = Arc::new(Tokenizer::from_checkpoint(&ckpt).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let workers = start_workers(&path, 2, 2, dir.path());
+    let params = |seed: u64| SamplingParams {
+        max_tokens: Some(10),
+        temperature: 0.7,
+        seed: Some(seed),
+        logprobs: Some(2),
+        ..Default::default()
+    };
+    runtime().block_on(async {
+        let pipeline = healthy_pipeline(&workers).await;
+        // Two schedulers on one pipeline (sequence ids never clash): one keeps prefixes, one does not.
+        let kept = Scheduler::start(
+            pipeline.clone(),
+            tok.clone(),
+            SchedulerConfig {
+                prefix_cache_tokens: 2048,
+                ..SchedulerConfig::default()
+            },
+        );
+        let fresh = Scheduler::start(pipeline.clone(), tok.clone(), SchedulerConfig::default());
+        let both = async |prompt: Vec<u32>, seed: u64| {
+            let req = GenRequest {
+                prompt,
+                params: params(seed),
+            };
+            let a = collect_events(kept.submit(req.clone()).unwrap()).await;
+            let b = collect_events(fresh.submit(req).unwrap()).await;
+            assert_eq!(a, b, "kept prefixes changed an answer");
+            a.expect("generation")
+        };
+        let turn1 = tok.encode(PROMPT, true, false).unwrap();
+        let first = both(turn1.clone(), 1).await;
+        let mut turn2 = turn1.clone();
+        turn2.extend(first.iter().map(|e| e.0));
+        turn2.extend(tok.encode(" And then?", false, false).unwrap());
+        both(turn2, 2).await;
+        let stats = kept.stats();
+        assert!(
+            stats.prefix_reused_tokens >= turn1.len() as u64,
+            "{stats:?}"
+        );
+        eprintln!("reused {} prompt tokens", stats.prefix_reused_tokens);
+    });
+    drop(workers);
+}

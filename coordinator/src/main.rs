@@ -107,7 +107,9 @@ struct ListenArgs {
     /// KV cache positions that finished requests keep on the model (the sum of their context sizes) so that
     /// a prompt starting with the same tokens (the next turn of a chat, a shared system prompt) reuses their
     /// keys and values instead of prefilling them again; least recently used first out, and dropped first
-    /// when KV memory runs out. 0 turns prompt-prefix reuse off.
+    /// when KV memory runs out. 0 turns prompt-prefix reuse off. Kept caches count against the workers'
+    /// --kv-memory-mib: with several stages, a batch refused for memory partway fails its requests, so size
+    /// the two together.
     #[arg(long, value_name = "N", default_value_t = 8192)]
     prefix_cache_tokens: usize,
     /// Write the bound addresses (`http=ADDR`, `grpc=ADDR`) to this file once listening (useful with port 0).

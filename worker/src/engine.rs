@@ -124,13 +124,7 @@ impl<'m> Engine<'m> {
         }
         let device = options.device;
         if device != Device::Cpu && options.kv_type != KvType::F16 {
-            return Err(Error::Device {
-                device: device.to_string(),
-                msg: format!(
-                    "{} KV caches are CPU-only (reference comparisons); GPU caches are f16",
-                    options.kv_type
-                ),
-            });
+            return Err(gpu_cache_type(device, options.kv_type));
         }
         let backend = match device {
             Device::Cpu => Backends::Cpu(CpuBackend::new(pool, lens, t)),
@@ -232,11 +226,7 @@ impl<'m> Engine<'m> {
             (Backends::Cuda(b), KvType::F16) => {
                 b.new_cache(&self.config, &self.spec, ctx, budget_bytes)
             }
-            (Backends::Cuda(b), KvType::F32) => Err(Error::Device {
-                device: b.device().to_string(),
-                msg: "f32 KV caches are CPU-only (reference comparisons); GPU caches are f16"
-                    .into(),
-            }),
+            (Backends::Cuda(b), ty) => Err(gpu_cache_type(b.device(), ty)),
         }
     }
 
@@ -383,4 +373,12 @@ fn attn_shape(config: &ModelConfig, spec: &ShardSpec) -> std::result::Result<Att
         n_kv_heads: nkv,
         head_dim: config.head_dim,
     })
+}
+
+/// The refusal of a KV cache type the GPU backend does not keep (at start, and for an explicit request).
+fn gpu_cache_type(device: Device, ty: KvType) -> Error {
+    Error::Device {
+        device: device.to_string(),
+        msg: format!("{ty} KV caches are CPU-only (reference comparisons); GPU caches are f16"),
+    }
 }

@@ -4,6 +4,8 @@
 #
 #   scripts/build-llama-cpp.sh                      # builds llama-quantize
 #   scripts/build-llama-cpp.sh llama-quantize llama-bench llama-eval-callback llama-gguf-split
+#   scripts/build-llama-cpp.sh llama-server         # the peer for bench/prefix.sh and bench/serving.sh
+#                                                   # (no web UI: it would come from the network)
 #
 # Idempotent: the sdist is downloaded once, extracted once, configured once; ninja rebuilds nothing
 # that is up to date. Environment:
@@ -77,8 +79,8 @@ if [ "${#need_tools[@]}" -gt 0 ]; then
 fi
 command -v cmake >/dev/null && command -v ninja >/dev/null || { log "cmake/ninja not available"; exit 1; }
 
-# 4. configure (once)
-if [ ! -f "$BUILD/build.ninja" ]; then
+# 4. configure (once; again for a build dir configured before llama-server was one of the targets)
+if [ ! -f "$BUILD/build.ninja" ] || grep -q '^LLAMA_BUILD_SERVER:BOOL=OFF' "$BUILD/CMakeCache.txt" 2>/dev/null; then
     log "configuring in $BUILD"
     mkdir -p "$BUILD"
     nice -n "$NICE" cmake -S "$SRC" -B "$BUILD" -G Ninja \
@@ -87,7 +89,9 @@ if [ ! -f "$BUILD/build.ninja" ]; then
         -DLLAMA_CURL=OFF \
         -DLLAMA_OPENSSL=OFF \
         -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_SERVER=OFF \
+        -DLLAMA_BUILD_SERVER=ON \
+        -DLLAMA_USE_PREBUILT_UI=OFF \
+        -DLLAMA_BUILD_UI=OFF \
         -DLLAMA_BUILD_TOOLS=ON \
         -DLLAMA_BUILD_EXAMPLES=ON \
         -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \

@@ -108,7 +108,8 @@ async fn generate_and_stream() {
         r.usage,
         Some(pb::Usage {
             prompt_tokens: prompt.len() as u32,
-            completion_tokens: 4
+            completion_tokens: 4,
+            cached_tokens: 0,
         })
     );
     assert!(

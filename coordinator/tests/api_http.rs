@@ -124,6 +124,7 @@ async fn completion_whole() {
     assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
     assert_eq!(v["usage"]["completion_tokens"], 5);
     assert_eq!(v["usage"]["total_tokens"], prompt.len() + 5);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
 
     // Without max_tokens a completion gets OpenAI's 16; the whole script ends with "stop".
     let (_, v) = post(
@@ -235,6 +236,9 @@ async fn several_choices_and_prompts() {
     );
     fake.take_requests();
 
+    // Each sequence reports 2 prompt tokens copied from a kept prefix: like prompt_tokens, they count once
+    // per prompt however many choices continue it.
+    fake.config.lock().unwrap().cached_tokens = 2;
     let mut body = sampled(json!(prompts), 40);
     body["n"] = json!(3);
     let (status, v) = post(&app, "/v1/completions", body.clone()).await;
@@ -254,6 +258,11 @@ async fn several_choices_and_prompts() {
     assert_eq!(v["usage"]["prompt_tokens"], prompt_tokens, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 6 * 6, "{v}");
     assert_eq!(v["usage"]["total_tokens"], prompt_tokens + 36, "{v}");
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"],
+        2 * 2,
+        "{v}"
+    );
 
     // Streamed: each choice's chunks carry its index and join to its whole text; one finish chunk per
     // choice, then the usage of all of them and one [DONE].
@@ -281,6 +290,7 @@ async fn several_choices_and_prompts() {
         .collect();
     assert_eq!(texts.into_iter().zip(finishes).collect::<Vec<_>>(), whole);
     assert_eq!(fake.take_requests().len(), 6);
+    fake.config.lock().unwrap().cached_tokens = 0;
 
     // Chat: n choices, each stream opening with its own role chunk.
     let (status, v) = post(

@@ -33,7 +33,7 @@ struct Servers {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-async fn start() -> Servers {
+async fn start(config: SchedulerConfig) -> Servers {
     let (pipeline, model) = LocalPipeline::open(
         &[fixture("tiny_llama.gguf")],
         1,
@@ -46,11 +46,7 @@ async fn start() -> Servers {
     )
     .unwrap();
     let model = Arc::new(model);
-    let scheduler = Scheduler::start(
-        Arc::new(pipeline),
-        model.tokenizer.clone(),
-        SchedulerConfig::default(),
-    );
+    let scheduler = Scheduler::start(Arc::new(pipeline), model.tokenizer.clone(), config);
     let state = Arc::new(AppState::new(
         model.clone(),
         scheduler,
@@ -155,7 +151,13 @@ fn sse_data(body: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn front_ends_over_the_real_scheduler() {
-    let s = start().await;
+    // Keeping prefixes changes no answer (the scheduler tests compare them bit for bit): every repeated
+    // prompt below copies its cache, and the usage says how much.
+    let s = start(SchedulerConfig {
+        prefix_cache_tokens: 4 * MAX_CONTEXT,
+        ..SchedulerConfig::default()
+    })
+    .await;
     assert_eq!(s.model_id, "tiny_llama");
 
     // Health runs the model.
@@ -237,6 +239,32 @@ async fn front_ends_over_the_real_scheduler() {
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
     let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert!(usage["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    let reply: String = events[..events.len() - 2]
+        .iter()
+        .filter_map(|e| {
+            let c: Value = serde_json::from_str(e).unwrap();
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    // The next turn starts with this one's prompt: its cache is copied, not recomputed, and the usage
+    // reports it as OpenAI's `prompt_tokens_details.cached_tokens`.
+    let turn2 = json!({"messages": [{"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": reply},
+                                    {"role": "user", "content": "And then?"}],
+                       "max_tokens": 4, "temperature": 0});
+    let (status, body) = http(s.http, "POST", "/v1/chat/completions", Some(&turn2)).await;
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let turn1_prompt = usage["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached >= turn1_prompt && cached < v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{v}"
+    );
     let long = json!({"messages": [{"role": "user", "content": "word ".repeat(300)}]});
     let (status, body) = http(s.http, "POST", "/v1/chat/completions", Some(&long)).await;
     assert_eq!(status, 400);
@@ -264,7 +292,7 @@ fn missing_tool(what: &str) {
 /// The real clients against the real model: `openai` (Python) and grpcurl (skipped when missing, outside CI).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_clients_over_the_real_scheduler() {
-    let s = start().await;
+    let s = start(SchedulerConfig::default()).await;
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/clients");
     let have_openai = std::process::Command::new("python3")
         .args(["-c", "import openai"])
@@ -294,6 +322,11 @@ async fn real_clients_over_the_real_scheduler() {
         assert_eq!(v["models"], json!([s.model_id]));
         assert_eq!(v["completion"]["finish_reason"], "length");
         assert_eq!(v["completion"]["usage"]["completion_tokens"], 8);
+        // The client parses the usage's details (no prefixes are kept here).
+        assert_eq!(
+            v["completion"]["usage"]["prompt_tokens_details"]["cached_tokens"],
+            0
+        );
         assert_eq!(v["batch_matches"], true, "{v}");
         assert_eq!(v["echo_ok"], true, "{v}");
         assert_eq!(v["batch"]["usage"]["completion_tokens"], 4 * 8, "{v}");

@@ -100,6 +100,7 @@ impl Choices {
                 // A prompt's tokens count once, however many choices continue it (as OpenAI counts).
                 if i % self.per_prompt == 0 {
                     self.usage.prompt_tokens += usage.prompt_tokens;
+                    self.usage.cached_tokens += usage.cached_tokens;
                 }
                 self.usage.completion_tokens += usage.completion_tokens;
             }

@@ -295,6 +295,7 @@ fn usage_pb(u: crate::serve::Usage) -> pb::Usage {
     pb::Usage {
         prompt_tokens: u32::try_from(u.prompt_tokens).unwrap_or(u32::MAX),
         completion_tokens: u32::try_from(u.completion_tokens).unwrap_or(u32::MAX),
+        cached_tokens: u32::try_from(u.cached_tokens).unwrap_or(u32::MAX),
     }
 }
 

@@ -25,6 +25,10 @@
 //! how lm-evaluation-harness computes log-likelihoods. Unknown fields are ignored (clients send many); a `suffix`, `tools` /
 //! `functions` and a `response_format` other than text are refused with a 400 naming the field.
 //!
+//! `usage` has `prompt_tokens`, `completion_tokens`, `total_tokens` and `prompt_tokens_details.cached_tokens`:
+//! the prompt tokens copied from a kept prefix (`--prefix-cache-tokens`) rather than computed, counted once
+//! per prompt like `prompt_tokens`.
+//!
 //! Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: a bad request is 400
 //! `invalid_request_error` with `param` naming the field (malformed JSON names the line and column); a full
 //! queue 429 `rate_limit_error`; a worker down or the cluster re-forming 503 `unavailable_error` (both with
@@ -903,6 +907,7 @@ fn usage_json(u: Usage) -> Value {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     })
 }
 

@@ -53,6 +53,9 @@ pub struct TokenEvent {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens whose keys and values were copied from a kept prefix instead of computed (OpenAI's
+    /// `prompt_tokens_details.cached_tokens`); counted in `prompt_tokens` too.
+    pub cached_tokens: usize,
 }
 
 /// What a request's receiver gets, in order: with `prompt_logprobs` one `Prompt`, then any number of

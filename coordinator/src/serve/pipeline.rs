@@ -203,6 +203,15 @@ pub trait Pipeline: Send + Sync + 'static {
     /// few seconds. `Ok` means the pipeline can serve now.
     fn health(&self) -> BoxFuture<'_, Result<(), PipelineError>>;
 
+    /// How many micro-batches the scheduler keeps in flight (its lanes). The default, one per stage plus
+    /// one, keeps every stage busy while the coordinator samples the extra lane's batch: right when the
+    /// stages compute elsewhere (other processes or machines, a GPU). A pipeline computing on the very CPU
+    /// cores the coordinator samples on gains nothing from that overlap and loses batch size (each lane's
+    /// batch reads the weights once), so it asks for one.
+    fn micro_batches(&self) -> usize {
+        self.info().n_stages.max(1) + 1
+    }
+
     /// Names the pipeline's current set of live sequences: it changes when they are all lost (the workers
     /// re-formed), so that sequences kept from before are not referred to again. Constant in process.
     fn epoch(&self) -> u64 {

@@ -5,10 +5,11 @@
 //! # Design
 //!
 //! - One admission queue (bounded by `max_queued`; beyond it [`SchedulerHandle::submit`] answers
-//!   `Overloaded`) feeds `n_stages + 1` *lanes*, tokio tasks that each own a set of sequences and run one
-//!   micro-batch at a time. With `pp` pipeline stages, `pp` micro-batches are in the pipeline at once (stage 1
-//!   runs lane A's batch while stage 0 runs lane B's) and one more is being sampled at the coordinator; a
-//!   sequence stays in its lane because its next token depends on its previous step.
+//!   `Overloaded`) feeds *lanes* ([`Pipeline::micro_batches`]: `n_stages + 1` for workers, 1 for the engine
+//!   on this process's CPU), tokio tasks that each own a set of sequences and run one micro-batch at a time.
+//!   With `pp` pipeline stages, `pp` micro-batches are in the pipeline at once (stage 1 runs lane A's batch
+//!   while stage 0 runs lane B's) and one more is being sampled at the coordinator; a sequence stays in its
+//!   lane because its next token depends on its previous step.
 //! - A lane's step: drop sequences whose client went away, admit queued requests while the lane has room
 //!   (`max_running` split across lanes, never more than the pipeline's `max_logits`), then build one
 //!   [`StepBatch`]: a decode token (asking for logits) for every decoding sequence, then prefill chunks of
@@ -143,7 +144,7 @@ pub struct SchedulerStats {
     pub running: usize,
     pub max_running: usize,
     pub max_queued: usize,
-    /// Micro-batch lanes (the pipeline's stages).
+    /// Micro-batch lanes (`Pipeline::micro_batches`).
     pub lanes: usize,
     /// Finished sequences kept for their prompt prefixes.
     pub prefixes_kept: usize,
@@ -159,7 +160,8 @@ impl Scheduler {
     /// ends submit to. The lanes stop once every handle is dropped and their work is done.
     ///
     /// The pipeline's [`PipelineInfo`] is read again at every step, so a remote pipeline whose limits are
-    /// only known once its workers answered is followed; `n_stages` (the number of lanes is one more) is read once here.
+    /// only known once its workers answered is followed; the number of lanes ([`Pipeline::micro_batches`]) is
+    /// read once here.
     pub fn start(
         pipeline: Arc<dyn Pipeline>,
         tokenizer: Arc<Tokenizer>,
@@ -168,9 +170,9 @@ impl Scheduler {
         if let Err(e) = config.validate() {
             warn!("scheduler config: {e}; using 1");
         }
-        // One lane more than stages: while the pipeline runs one micro-batch per stage, the extra lane's
-        // sampling and detokenization run on the coordinator instead of leaving the workers idle.
-        let n_lanes = pipeline.info().n_stages.max(1) + 1;
+        // Usually one lane more than stages: while the pipeline runs one micro-batch per stage, the extra
+        // lane's sampling and detokenization run on the coordinator instead of leaving the workers idle.
+        let n_lanes = pipeline.micro_batches().max(1);
         let shared = Arc::new(Shared {
             pipeline,
             tokenizer,
@@ -506,6 +508,8 @@ struct Seq {
     prefix_from: Option<u64>,
     /// Generated tokens fed back (their keys and values are in the cache after the prompt's).
     fed: Vec<u32>,
+    /// Prompt positions copied from a kept prefix (reported in the usage).
+    cached: usize,
     submitted: Instant,
     emitted: bool,
 }
@@ -654,6 +658,7 @@ impl Seq {
                 let usage = Usage {
                     prompt_tokens: self.prompt.len(),
                     completion_tokens: self.state.generated(),
+                    cached_tokens: self.cached,
                 };
                 // A receiver dropped just now changes nothing: the request is complete either way.
                 self.send(GenEvent::Done {
@@ -838,6 +843,7 @@ impl Lane {
                         started: None,
                         prefix_from: hit.map(|h| h.seq_id),
                         fed: Vec::new(),
+                        cached: hit.map_or(0, |h| h.len),
                         submitted: p.submitted,
                         emitted: false,
                     });

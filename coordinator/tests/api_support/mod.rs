@@ -59,6 +59,8 @@ pub struct FakeConfig {
     pub health_error: Option<ServeError>,
     /// Pause between tokens.
     pub token_delay: Duration,
+    /// Prompt tokens each request reports as copied from a kept prefix (at most the prompt's).
+    pub cached_tokens: usize,
 }
 
 pub struct FakeBackend {
@@ -147,6 +149,7 @@ impl Backend for FakeBackend {
         let tokenizer = self.model.tokenizer.clone();
         let (cancelled, finished) = (self.cancelled.clone(), self.finished.clone());
         let prompt_tokens = req.prompt.len();
+        let cached_tokens = config.cached_tokens.min(prompt_tokens);
         let want_logprobs = req.params.logprobs.is_some();
         // Prompt log-probabilities: token i scores -i/10, its alternatives are the token itself and token 0.
         let prompt_event = req.params.prompt_logprobs.map(|k| {
@@ -209,6 +212,7 @@ impl Backend for FakeBackend {
                     let usage = Usage {
                         prompt_tokens,
                         completion_tokens: state.generated(),
+                        cached_tokens,
                     };
                     let text = state.finish();
                     if tx

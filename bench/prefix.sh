@@ -4,8 +4,11 @@
 # threads: turn 1 is a PROMPT-token completion of GEN tokens; turn 2 sends turn 1's prompt and answer plus a
 # short follow-up and asks for 1 token, so its time is the prefill (time to first token). The peer, when
 # built (scripts/build-llama-cpp.sh llama-server), runs the same two requests first: llama.cpp's server keeps
-# a slot's prompt cache by default (`cache_prompt`), one slot, the same threads.
-#   bench/prefix.sh [THREADS] [PROMPT] [GEN] MODEL
+# a slot's prompt cache by default (`cache_prompt`), one slot, the same threads. With FOLLOW=prompt turn 2
+# leaves out the answer (turn 1's prompt plus the follow-up: a shared preamble, an edited regenerate), so
+# every server reuses the same tokens; the answers of two engines differ in their last bits and so retokenize
+# differently.
+#   [FOLLOW=answer|prompt] bench/prefix.sh [THREADS] [PROMPT] [GEN] MODEL
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-2}; prompt=${2:-1500}; gen=${3:-32}; model=$4
@@ -30,9 +33,9 @@ for keep in $runs; do
     for _ in $(seq 600); do [ -s "$dir/addr" ] && break; sleep 0.1; done
     http=$(sed -n 's/^http=//p' "$dir/addr")
   fi
-  python3 - "$http" "$prompt" "$gen" "$keep" <<'EOF'
+  python3 - "$http" "$prompt" "$gen" "$keep" "${FOLLOW:-answer}" <<'EOF'
 import json, sys, time, urllib.request
-addr, n_prompt, gen, keep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+addr, n_prompt, gen, keep, follow = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 def post(body):
     req = urllib.request.Request(f"http://{addr}/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
@@ -45,7 +48,8 @@ words = "the river runs past old mills and quiet fields where farmers talk about
 text = " ".join(words[i % len(words)] for i in range(n_prompt))
 first, t1 = post({"prompt": text, "max_tokens": gen, "temperature": 0})
 n1 = first["usage"]["prompt_tokens"]
-second, t2 = post({"prompt": text + first["choices"][0]["text"] + " What happened next?",
+answer = first["choices"][0]["text"] if follow == "answer" else ""
+second, t2 = post({"prompt": text + answer + " What happened next?",
                    "max_tokens": 1, "temperature": 0})
 n2 = second["usage"]["prompt_tokens"]
 # Both servers report the prompt tokens they reused as OpenAI's prompt_tokens_details.cached_tokens.

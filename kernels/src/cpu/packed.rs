@@ -364,10 +364,10 @@ pub(crate) type FillAuxFn = fn(GgmlType, &[u8], usize, usize, usize, &mut Vec<u3
 /// An ISA level's kernels for one quantized packed type.
 #[derive(Clone, Copy)]
 pub(crate) struct QuantTiles {
-    /// One token (decode, and the tail of a token block).
-    pub(crate) t1: GroupTileFn,
-    /// [`T_TILE`] tokens.
-    pub(crate) t4: GroupTileFn,
+    /// The tiles of 1 (decode), 2, 3 and [`T_TILE`] tokens: a token block runs in 4-token tiles and one
+    /// tail tile of the rest. Each computes every token exactly as the others do (bit for bit), so a
+    /// token's result does not depend on its batch.
+    pub(crate) by_tokens: [GroupTileFn; T_TILE],
     /// Aux words per (token, block).
     pub(crate) aux_words: usize,
     pub(crate) fill_aux: FillAuxFn,
@@ -375,10 +375,9 @@ pub(crate) struct QuantTiles {
 
 impl QuantTiles {
     /// Tiles of Q4_0 / Q4_1 / Q8_0, whose aux is [`fill_aux_legacy`]'s.
-    pub(crate) fn legacy(t1: GroupTileFn, t4: GroupTileFn) -> Self {
+    pub(crate) fn legacy(by_tokens: [GroupTileFn; T_TILE]) -> Self {
         QuantTiles {
-            t1,
-            t4,
+            by_tokens,
             aux_words: 2,
             fill_aux: fill_aux_legacy,
         }
@@ -441,7 +440,9 @@ pub(crate) fn token_block(stride: usize) -> usize {
 }
 
 /// Runs `tile(group, first_token, tokens)` over every 16-row group of a `rows`-row packed matrix and every
-/// token of `n_tokens` (activation rows of `stride` bytes) on the pool: 4-token tiles, then 1-token tails.
+/// token of `n_tokens` (activation rows of `stride` bytes) on the pool: 4-token tiles, then one tile of the
+/// 1–3 tokens left (a 1-token tile per leftover token unpacked the weights again for each: 23% of a
+/// 32-sequence serving run's time went there when its batches were not multiples of 4).
 /// Work items are (token block, run of row groups): a token block's activations stay in L1/L2 while every
 /// group of the run streams its weights past them. With `guided` and a single token block (decode, and
 /// batches up to ~100 tokens of a 2048-wide row: one pass over the matrix, bound by memory bandwidth),
@@ -501,7 +502,7 @@ fn for_each_tile(
             for g in run {
                 let mut t = t_lo;
                 while t < t_hi {
-                    let step = if t + T_TILE <= t_hi { T_TILE } else { 1 };
+                    let step = (t_hi - t).min(T_TILE);
                     tile(g, t, step);
                     t += step;
                 }
@@ -533,8 +534,7 @@ pub(crate) fn matmul_quant(
         ));
     };
     let QuantTiles {
-        t1,
-        t4,
+        by_tokens,
         aux_words,
         fill_aux,
     } = tiles;
@@ -552,7 +552,7 @@ pub(crate) fn matmul_quant(
     let (act_ref, aux) = (&act[..n_tokens * stride], &scratch.aux[..]);
     let out = SharedOut(y.as_mut_ptr());
     for_each_tile(pool, rows, n_tokens, stride, true, |g, t, step| {
-        let f = if step == T_TILE { t4 } else { t1 };
+        let f = by_tokens[step - 1];
         // SAFETY: group `g` has `nb` records in `data` (length checked); tokens t..t+step have `stride`
         // activation bytes and `aux_words * nb` aux words each; outputs (t.., g*16 .. g*16+valid) lie
         // inside `y` and belong to this tile only. The tiles come from the table `k`, built only after
@@ -583,8 +583,8 @@ pub(crate) type FloatTileFn = unsafe fn(usize, *const u8, *const u8, usize, *mut
 /// An ISA level's kernels for one float packed type.
 #[derive(Clone, Copy)]
 pub(crate) struct FloatTiles {
-    pub(crate) t1: FloatTileFn,
-    pub(crate) t4: FloatTileFn,
+    /// The tiles of 1, 2, 3 and [`T_TILE`] tokens (as [`QuantTiles::by_tokens`]).
+    pub(crate) by_tokens: [FloatTileFn; T_TILE],
     /// `x` rounded to f16 (nearest even, as F16C converts) and back, as little-endian f32 bytes in `out`
     /// (`out.len() >= 4 * x.len()`): F16 weights meet activations as llama.cpp converts them.
     pub(crate) round_through_f16: unsafe fn(&[f32], &mut [u8]),
@@ -618,8 +618,7 @@ pub(crate) fn matmul_float(
         return Ok(());
     }
     let FloatTiles {
-        t1,
-        t4,
+        by_tokens,
         round_through_f16,
     } = tiles;
     // Activations: F32 as given, F16 rounded through f16 (kept as f32 for broadcasting), BF16 as bf16.
@@ -647,7 +646,7 @@ pub(crate) fn matmul_float(
     let out = SharedOut(y.as_mut_ptr());
     let group_bytes = steps * step_bytes;
     for_each_tile(pool, rows, n_tokens, stride, false, |g, t, step| {
-        let f = if step == T_TILE { t4 } else { t1 };
+        let f = by_tokens[step - 1];
         // SAFETY: group `g` has `group_bytes` bytes in `data` (length checked); tokens t..t+step have
         // `stride` activation bytes; outputs (t.., g*16 .. g*16+valid) lie inside `y` and belong to this
         // tile only. The tiles' features were detected with the table `k`.

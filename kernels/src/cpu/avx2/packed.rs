@@ -230,10 +230,16 @@ macro_rules! tiles {
 
 tiles! {
     q4_0_t1: Q4_0, 1;
+    q4_0_t2: Q4_0, 2;
+    q4_0_t3: Q4_0, 3;
     q4_0_t4: Q4_0, 4;
     q4_1_t1: Q4_1, 1;
+    q4_1_t2: Q4_1, 2;
+    q4_1_t3: Q4_1, 3;
     q4_1_t4: Q4_1, 4;
     q8_0_t1: Q8_0, 1;
+    q8_0_t2: Q8_0, 2;
+    q8_0_t3: Q8_0, 3;
     q8_0_t4: Q8_0, 4;
 }
 
@@ -267,18 +273,26 @@ pub(crate) fn matmul(
         return super::packed_f::matmul(k, pool, ty, rows, cols, data, x, n_tokens, y, scratch);
     }
     let tiles = match ty {
-        GgmlType::Q4_0 => QuantTiles::legacy(q4_0_t1, q4_0_t4),
-        GgmlType::Q4_1 => QuantTiles::legacy(q4_1_t1, q4_1_t4),
-        GgmlType::Q8_0 => QuantTiles::legacy(q8_0_t1, q8_0_t4),
+        GgmlType::Q4_0 => QuantTiles::legacy([q4_0_t1, q4_0_t2, q4_0_t3, q4_0_t4]),
+        GgmlType::Q4_1 => QuantTiles::legacy([q4_1_t1, q4_1_t2, q4_1_t3, q4_1_t4]),
+        GgmlType::Q8_0 => QuantTiles::legacy([q8_0_t1, q8_0_t2, q8_0_t3, q8_0_t4]),
         GgmlType::Q4_K => QuantTiles {
-            t1: packed_k::q4_k_t1,
-            t4: packed_k::q4_k_t4,
+            by_tokens: [
+                packed_k::q4_k_t1,
+                packed_k::q4_k_t2,
+                packed_k::q4_k_t3,
+                packed_k::q4_k_t4,
+            ],
             aux_words: packed_k::Q4K_AUX,
             fill_aux: packed_k::fill_aux,
         },
         GgmlType::Q6_K => QuantTiles {
-            t1: packed_k::q6_k_t1,
-            t4: packed_k::q6_k_t4,
+            by_tokens: [
+                packed_k::q6_k_t1,
+                packed_k::q6_k_t2,
+                packed_k::q6_k_t3,
+                packed_k::q6_k_t4,
+            ],
             aux_words: packed_k::Q6K_AUX,
             fill_aux: packed_k::fill_aux,
         },

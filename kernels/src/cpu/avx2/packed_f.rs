@@ -12,7 +12,7 @@
 use std::arch::x86_64::*;
 
 use crate::cpu::isa::Kernels;
-use crate::cpu::packed::{FloatTiles, matmul_float};
+use crate::cpu::packed::{FloatTileFn, FloatTiles, T_TILE, matmul_float};
 use crate::cpu::{KernelError, Pool, Scratch};
 use crate::quant::GgmlType;
 
@@ -115,10 +115,16 @@ macro_rules! tiles {
 
 tiles! {
     f32_t1: F32, 1;
+    f32_t2: F32, 2;
+    f32_t3: F32, 3;
     f32_t4: F32, 4;
     f16_t1: F16, 1;
+    f16_t2: F16, 2;
+    f16_t3: F16, 3;
     f16_t4: F16, 4;
     bf16_t1: BF16, 1;
+    bf16_t2: BF16, 2;
+    bf16_t3: BF16, 3;
     bf16_t4: BF16, 4;
 }
 
@@ -136,10 +142,10 @@ pub(crate) fn matmul(
     y: &mut [f32],
     scratch: &mut Scratch,
 ) -> Result<(), KernelError> {
-    let (t1, t4) = match ty {
-        GgmlType::F32 => (f32_t1 as _, f32_t4 as _),
-        GgmlType::F16 => (f16_t1 as _, f16_t4 as _),
-        GgmlType::BF16 => (bf16_t1 as _, bf16_t4 as _),
+    let by_tokens: [FloatTileFn; T_TILE] = match ty {
+        GgmlType::F32 => [f32_t1 as _, f32_t2 as _, f32_t3 as _, f32_t4 as _],
+        GgmlType::F16 => [f16_t1 as _, f16_t2 as _, f16_t3 as _, f16_t4 as _],
+        GgmlType::BF16 => [bf16_t1 as _, bf16_t2 as _, bf16_t3 as _, bf16_t4 as _],
         _ => {
             return Err(KernelError::Invalid(
                 "matmul_packed: type has no packed float layout",
@@ -147,8 +153,7 @@ pub(crate) fn matmul(
         }
     };
     let tiles = FloatTiles {
-        t1,
-        t4,
+        by_tokens,
         round_through_f16,
     };
     matmul_float(

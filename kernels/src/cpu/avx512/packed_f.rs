@@ -16,7 +16,7 @@
 use std::arch::x86_64::*;
 
 use crate::cpu::isa::Kernels;
-use crate::cpu::packed::{FloatTileFn, FloatTiles, GROUP, matmul_float};
+use crate::cpu::packed::{FloatTileFn, FloatTiles, GROUP, T_TILE, matmul_float};
 use crate::cpu::{KernelError, Pool, Scratch};
 use crate::quant::GgmlType;
 
@@ -165,12 +165,20 @@ macro_rules! tiles {
 
 tiles! {
     f32_t1: F32, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    f32_t2: F32, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    f32_t3: F32, 3, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
     f32_t4: F32, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
     f16_t1: F16, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    f16_t2: F16, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    f16_t3: F16, 3, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
     f16_t4: F16, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
     bf16s_t1: BF16_SHIFT, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    bf16s_t2: BF16_SHIFT, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    bf16s_t3: BF16_SHIFT, 3, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
     bf16s_t4: BF16_SHIFT, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
     bf16d_t1: BF16_DP, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
+    bf16d_t2: BF16_DP, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
+    bf16d_t3: BF16_DP, 3, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
     bf16d_t4: BF16_DP, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
 }
 
@@ -207,15 +215,14 @@ fn matmul_with(
     scratch: &mut Scratch,
     dp: bool,
 ) -> Result<(), KernelError> {
-    let (t1, t4): (FloatTileFn, FloatTileFn) = match ty {
-        GgmlType::F32 => (f32_t1, f32_t4),
-        GgmlType::F16 => (f16_t1, f16_t4),
-        _ if dp => (bf16d_t1, bf16d_t4),
-        _ => (bf16s_t1, bf16s_t4),
+    let by_tokens: [FloatTileFn; T_TILE] = match ty {
+        GgmlType::F32 => [f32_t1, f32_t2, f32_t3, f32_t4],
+        GgmlType::F16 => [f16_t1, f16_t2, f16_t3, f16_t4],
+        _ if dp => [bf16d_t1, bf16d_t2, bf16d_t3, bf16d_t4],
+        _ => [bf16s_t1, bf16s_t2, bf16s_t3, bf16s_t4],
     };
     let tiles = FloatTiles {
-        t1,
-        t4,
+        by_tokens,
         round_through_f16,
     };
     matmul_float(

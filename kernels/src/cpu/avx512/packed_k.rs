@@ -282,8 +282,12 @@ macro_rules! tiles {
 
 tiles! {
     q4_k_t1: q4_k_tile, 1;
+    q4_k_t2: q4_k_tile, 2;
+    q4_k_t3: q4_k_tile, 3;
     q4_k_t4: q4_k_tile, 4;
     q6_k_t1: q6_k_tile, 1;
+    q6_k_t2: q6_k_tile, 2;
+    q6_k_t3: q6_k_tile, 3;
     q6_k_t4: q6_k_tile, 4;
 }
 

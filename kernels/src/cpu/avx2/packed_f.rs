@@ -98,34 +98,30 @@ unsafe fn round_through_f16(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// The level's tiles of 1, 2, 3 and `T_TILE` tokens (the `by_tokens` of a tile table), each a
+/// `target_feature` wrapper of the generic tile.
 macro_rules! tiles {
-    ($($name:ident: $kind:expr, $t:literal;)*) => {$(
-        /// # Safety
-        /// See `packed::FloatTileFn`.
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name(
-            steps: usize, w: *const u8, a: *const u8, a_stride: usize, out: *mut f32, out_stride: usize,
-            valid: usize,
-        ) {
-            // SAFETY: forwarded contract.
-            unsafe { float_tile::<$kind, $t>(steps, w, a, a_stride, out, out_stride, valid) }
-        }
+    ($($name:ident: $kind:tt;)*) => {$(
+        const $name: [FloatTileFn; T_TILE] = {
+            /// # Safety
+            /// See `packed::FloatTileFn`.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn tile<const T: usize>(
+                steps: usize, w: *const u8, a: *const u8, a_stride: usize, out: *mut f32,
+                out_stride: usize, valid: usize,
+            ) {
+                // SAFETY: forwarded contract.
+                unsafe { float_tile::<$kind, T>(steps, w, a, a_stride, out, out_stride, valid) }
+            }
+            [tile::<1>, tile::<2>, tile::<3>, tile::<4>]
+        };
     )*};
 }
 
 tiles! {
-    f32_t1: F32, 1;
-    f32_t2: F32, 2;
-    f32_t3: F32, 3;
-    f32_t4: F32, 4;
-    f16_t1: F16, 1;
-    f16_t2: F16, 2;
-    f16_t3: F16, 3;
-    f16_t4: F16, 4;
-    bf16_t1: BF16, 1;
-    bf16_t2: BF16, 2;
-    bf16_t3: BF16, 3;
-    bf16_t4: BF16, 4;
+    F32_TILES: F32;
+    F16_TILES: F16;
+    BF16_TILES: BF16;
 }
 
 /// The AVX2 packed float matmul, called by the level's packed matmul for F32/F16/BF16.
@@ -143,9 +139,9 @@ pub(crate) fn matmul(
     scratch: &mut Scratch,
 ) -> Result<(), KernelError> {
     let by_tokens: [FloatTileFn; T_TILE] = match ty {
-        GgmlType::F32 => [f32_t1 as _, f32_t2 as _, f32_t3 as _, f32_t4 as _],
-        GgmlType::F16 => [f16_t1 as _, f16_t2 as _, f16_t3 as _, f16_t4 as _],
-        GgmlType::BF16 => [bf16_t1 as _, bf16_t2 as _, bf16_t3 as _, bf16_t4 as _],
+        GgmlType::F32 => F32_TILES,
+        GgmlType::F16 => F16_TILES,
+        GgmlType::BF16 => BF16_TILES,
         _ => {
             return Err(KernelError::Invalid(
                 "matmul_packed: type has no packed float layout",

@@ -26,7 +26,7 @@
 use std::arch::x86_64::*;
 
 use crate::cpu::layout::Q8_K_BYTES;
-use crate::cpu::packed::{Q4K_QS, Q4K_SCALES, Q6K_QL, Q6K_SCALES};
+use crate::cpu::packed::{GroupTileFn, Q4K_QS, Q4K_SCALES, Q6K_QL, Q6K_SCALES, T_TILE};
 use crate::quant::GgmlType;
 
 use super::packed::{load, store_group as store, word};
@@ -304,33 +304,30 @@ unsafe fn q6_k_tile<const T: usize>(
     unsafe { store(acc, out, out_stride, valid) };
 }
 
+/// The level's tiles of 1, 2, 3 and `T_TILE` tokens (the `by_tokens` of a tile table), each a
+/// `target_feature` wrapper of the generic tile.
 macro_rules! tiles {
-    ($($name:ident: $f:ident, $t:literal;)*) => {$(
-        /// A `GroupTileFn`.
-        ///
-        /// # Safety
-        /// AVX2, FMA and F16C are available; pointer contract of `packed::GroupTileFn`.
-        #[target_feature(enable = "avx2,fma,f16c")]
-        #[allow(clippy::too_many_arguments)]
-        pub(crate) unsafe fn $name(
-            nb: usize, w: *const u8, a: *const u8, a_stride: usize, aux: *const u32, out: *mut f32,
-            out_stride: usize, valid: usize,
-        ) {
-            // SAFETY: forwarded contract.
-            unsafe { $f::<$t>(nb, w, a, a_stride, aux, out, out_stride, valid) }
-        }
+    ($($name:ident: $kind:tt;)*) => {$(
+        pub(crate) const $name: [GroupTileFn; T_TILE] = {
+            /// # Safety
+            /// AVX2, FMA and F16C are available; pointer contract of `packed::GroupTileFn`.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn tile<const T: usize>(
+                nb: usize, w: *const u8, a: *const u8, a_stride: usize, aux: *const u32, out: *mut f32,
+                out_stride: usize, valid: usize,
+            ) {
+                // SAFETY: forwarded contract.
+                unsafe { $kind::<T>(nb, w, a, a_stride, aux, out, out_stride, valid) }
+            }
+            [tile::<1>, tile::<2>, tile::<3>, tile::<4>]
+        };
     )*};
 }
 
 tiles! {
-    q4_k_t1: q4_k_tile, 1;
-    q4_k_t2: q4_k_tile, 2;
-    q4_k_t3: q4_k_tile, 3;
-    q4_k_t4: q4_k_tile, 4;
-    q6_k_t1: q6_k_tile, 1;
-    q6_k_t2: q6_k_tile, 2;
-    q6_k_t3: q6_k_tile, 3;
-    q6_k_t4: q6_k_tile, 4;
+    Q4K_TILES: q4_k_tile;
+    Q6K_TILES: q6_k_tile;
 }
 
 /// Fills the per (token, super-block) words of [`Q4K_AUX`] (Q6_K has none). A `FillAuxFn`.

@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use crate::cpu::isa::Kernels;
-use crate::cpu::packed::{QuantTiles, matmul_quant};
+use crate::cpu::packed::{GroupTileFn, QuantTiles, T_TILE, matmul_quant};
 use crate::cpu::{KernelError, Pool, Scratch};
 use crate::quant::GgmlType;
 
@@ -117,35 +117,31 @@ unsafe fn group_tile<const KIND: u8, const T: usize>(
     }
 }
 
+/// The level's tiles of 1, 2, 3 and `T_TILE` tokens (the `by_tokens` of a tile table), each a
+/// `target_feature` wrapper of the generic tile.
 macro_rules! tiles {
-    ($($name:ident: $kind:expr, $t:literal;)*) => {$(
-        /// # Safety
-        /// See `group_tile`.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn $name(
-            nb: usize, w: *const u8, a: *const u8, a_stride: usize, aux: *const u32, out: *mut f32,
-            out_stride: usize, valid: usize,
-        ) {
-            // SAFETY: forwarded contract.
-            unsafe { group_tile::<$kind, $t>(nb, w, a, a_stride, aux, out, out_stride, valid) }
-        }
+    ($($name:ident: $kind:tt;)*) => {$(
+        const $name: [GroupTileFn; T_TILE] = {
+            /// # Safety
+            /// See `packed::GroupTileFn`.
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn tile<const T: usize>(
+                nb: usize, w: *const u8, a: *const u8, a_stride: usize, aux: *const u32, out: *mut f32,
+                out_stride: usize, valid: usize,
+            ) {
+                // SAFETY: forwarded contract.
+                unsafe { group_tile::<$kind, T>(nb, w, a, a_stride, aux, out, out_stride, valid) }
+            }
+            [tile::<1>, tile::<2>, tile::<3>, tile::<4>]
+        };
     )*};
 }
 
 tiles! {
-    q4_0_t1: Q4_0, 1;
-    q4_0_t2: Q4_0, 2;
-    q4_0_t3: Q4_0, 3;
-    q4_0_t4: Q4_0, 4;
-    q4_1_t1: Q4_1, 1;
-    q4_1_t2: Q4_1, 2;
-    q4_1_t3: Q4_1, 3;
-    q4_1_t4: Q4_1, 4;
-    q8_0_t1: Q8_0, 1;
-    q8_0_t2: Q8_0, 2;
-    q8_0_t3: Q8_0, 3;
-    q8_0_t4: Q8_0, 4;
+    Q4_0_TILES: Q4_0;
+    Q4_1_TILES: Q4_1;
+    Q8_0_TILES: Q8_0;
 }
 
 /// The VNNI packed matmul (a `PackedMatmulFn`).
@@ -166,26 +162,16 @@ pub(crate) fn matmul(
         return super::packed_f::matmul(k, pool, ty, rows, cols, data, x, n_tokens, y, scratch);
     }
     let tiles = match ty {
-        GgmlType::Q4_0 => QuantTiles::legacy([q4_0_t1, q4_0_t2, q4_0_t3, q4_0_t4]),
-        GgmlType::Q4_1 => QuantTiles::legacy([q4_1_t1, q4_1_t2, q4_1_t3, q4_1_t4]),
-        GgmlType::Q8_0 => QuantTiles::legacy([q8_0_t1, q8_0_t2, q8_0_t3, q8_0_t4]),
+        GgmlType::Q4_0 => QuantTiles::legacy(Q4_0_TILES),
+        GgmlType::Q4_1 => QuantTiles::legacy(Q4_1_TILES),
+        GgmlType::Q8_0 => QuantTiles::legacy(Q8_0_TILES),
         GgmlType::Q4_K => QuantTiles {
-            by_tokens: [
-                packed_k::q4_k_t1,
-                packed_k::q4_k_t2,
-                packed_k::q4_k_t3,
-                packed_k::q4_k_t4,
-            ],
+            by_tokens: packed_k::Q4K_TILES,
             aux_words: packed_k::Q4K_AUX,
             fill_aux: packed_k::fill_aux,
         },
         GgmlType::Q6_K => QuantTiles {
-            by_tokens: [
-                packed_k::q6_k_t1,
-                packed_k::q6_k_t2,
-                packed_k::q6_k_t3,
-                packed_k::q6_k_t4,
-            ],
+            by_tokens: packed_k::Q6K_TILES,
             aux_words: packed_k::Q6K_AUX,
             fill_aux: packed_k::fill_aux,
         },

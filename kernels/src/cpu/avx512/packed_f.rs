@@ -148,38 +148,31 @@ unsafe fn round_through_f16(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// The level's tiles of 1, 2, 3 and `T_TILE` tokens (the `by_tokens` of a tile table), each a
+/// `target_feature` wrapper of the generic tile.
 macro_rules! tiles {
-    ($($name:ident: $kind:expr, $t:literal, $feat:literal;)*) => {$(
-        /// # Safety
-        /// See `float_tile`.
-        #[target_feature(enable = $feat)]
-        unsafe fn $name(
-            steps: usize, w: *const u8, a: *const u8, a_stride: usize, out: *mut f32, out_stride: usize,
-            valid: usize,
-        ) {
-            // SAFETY: forwarded contract (the features of this wrapper include the tile's).
-            unsafe { float_tile::<$kind, $t>(steps, w, a, a_stride, out, out_stride, valid) }
-        }
+    ($($name:ident: $kind:tt, $feat:literal;)*) => {$(
+        const $name: [FloatTileFn; T_TILE] = {
+            /// # Safety
+            /// See `float_tile` (the features of this wrapper include the tile's).
+            #[target_feature(enable = $feat)]
+            unsafe fn tile<const T: usize>(
+                steps: usize, w: *const u8, a: *const u8, a_stride: usize, out: *mut f32,
+                out_stride: usize, valid: usize,
+            ) {
+                // SAFETY: forwarded contract.
+                unsafe { float_tile::<$kind, T>(steps, w, a, a_stride, out, out_stride, valid) }
+            }
+            [tile::<1>, tile::<2>, tile::<3>, tile::<4>]
+        };
     )*};
 }
 
 tiles! {
-    f32_t1: F32, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    f32_t2: F32, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    f32_t3: F32, 3, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    f32_t4: F32, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    f16_t1: F16, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    f16_t2: F16, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    f16_t3: F16, 3, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    f16_t4: F16, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    bf16s_t1: BF16_SHIFT, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    bf16s_t2: BF16_SHIFT, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    bf16s_t3: BF16_SHIFT, 3, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    bf16s_t4: BF16_SHIFT, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-    bf16d_t1: BF16_DP, 1, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
-    bf16d_t2: BF16_DP, 2, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
-    bf16d_t3: BF16_DP, 3, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
-    bf16d_t4: BF16_DP, 4, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
+    F32_TILES: F32, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    F16_TILES: F16, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    BF16S_TILES: BF16_SHIFT, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+    BF16D_TILES: BF16_DP, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16";
 }
 
 /// The packed float matmul, called by the VNNI level's packed matmul for F32/F16/BF16.
@@ -216,10 +209,10 @@ fn matmul_with(
     dp: bool,
 ) -> Result<(), KernelError> {
     let by_tokens: [FloatTileFn; T_TILE] = match ty {
-        GgmlType::F32 => [f32_t1, f32_t2, f32_t3, f32_t4],
-        GgmlType::F16 => [f16_t1, f16_t2, f16_t3, f16_t4],
-        _ if dp => [bf16d_t1, bf16d_t2, bf16d_t3, bf16d_t4],
-        _ => [bf16s_t1, bf16s_t2, bf16s_t3, bf16s_t4],
+        GgmlType::F32 => F32_TILES,
+        GgmlType::F16 => F16_TILES,
+        _ if dp => BF16D_TILES,
+        _ => BF16S_TILES,
     };
     let tiles = FloatTiles {
         by_tokens,

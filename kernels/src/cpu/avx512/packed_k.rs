@@ -16,7 +16,7 @@
 use std::arch::x86_64::*;
 
 use crate::cpu::layout::Q8_K_BYTES;
-use crate::cpu::packed::{Q4K_QS, Q4K_SCALES, Q6K_QL, Q6K_SCALES};
+use crate::cpu::packed::{GroupTileFn, Q4K_QS, Q4K_SCALES, Q6K_QL, Q6K_SCALES, T_TILE};
 use crate::quant::GgmlType;
 
 /// `aux` words per (token, super-block): Q4_K `d` + 4 sub-block sum pairs, Q6_K `d` + 16 `−32·bs_g`.
@@ -264,31 +264,30 @@ fn store<const T: usize>(acc: [__m512; T], out: *mut f32, out_stride: usize, val
     }
 }
 
+/// The level's tiles of 1, 2, 3 and `T_TILE` tokens (the `by_tokens` of a tile table), each a
+/// `target_feature` wrapper of the generic tile.
 macro_rules! tiles {
-    ($($name:ident: $f:ident, $t:literal;)*) => {$(
-        /// # Safety
-        /// See `packed::group_tile`.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")]
-        #[allow(clippy::too_many_arguments)]
-        pub(crate) unsafe fn $name(
-            nb: usize, w: *const u8, a: *const u8, a_stride: usize, aux: *const u32, out: *mut f32,
-            out_stride: usize, valid: usize,
-        ) {
-            // SAFETY: forwarded contract.
-            unsafe { $f::<$t>(nb, w, a, a_stride, aux, out, out_stride, valid) }
-        }
+    ($($name:ident: $kind:tt;)*) => {$(
+        pub(crate) const $name: [GroupTileFn; T_TILE] = {
+            /// # Safety
+            /// See `packed::GroupTileFn`.
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512vnni")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn tile<const T: usize>(
+                nb: usize, w: *const u8, a: *const u8, a_stride: usize, aux: *const u32, out: *mut f32,
+                out_stride: usize, valid: usize,
+            ) {
+                // SAFETY: forwarded contract.
+                unsafe { $kind::<T>(nb, w, a, a_stride, aux, out, out_stride, valid) }
+            }
+            [tile::<1>, tile::<2>, tile::<3>, tile::<4>]
+        };
     )*};
 }
 
 tiles! {
-    q4_k_t1: q4_k_tile, 1;
-    q4_k_t2: q4_k_tile, 2;
-    q4_k_t3: q4_k_tile, 3;
-    q4_k_t4: q4_k_tile, 4;
-    q6_k_t1: q6_k_tile, 1;
-    q6_k_t2: q6_k_tile, 2;
-    q6_k_t3: q6_k_tile, 3;
-    q6_k_t4: q6_k_tile, 4;
+    Q4K_TILES: q4_k_tile;
+    Q6K_TILES: q6_k_tile;
 }
 
 /// Fills the per (token, super-block) words: `d`, then for Q4_K the 4 pairs `(bs_0, bs_2)`, `(bs_1, bs_3)`,

@@ -19,7 +19,7 @@ use tessera::serve::local::LocalPipeline;
 use tessera::serve::remote::{RemoteOptions, RemotePipeline, WorkerAddr};
 use tessera::serve::{Pipeline, SchedulerConfig};
 use tessera::tokenizer::Tokenizer;
-use tessera_worker::{Device, Engine, EngineOptions, KvType};
+use tessera_worker::{Device, Engine, EngineOptions, KvType, Numerics};
 
 #[derive(Parser)]
 #[command(
@@ -194,6 +194,11 @@ struct ClusterArgs {
     /// values, twice the memory; CPU only), for every worker.
     #[arg(long, value_name = "TYPE", default_value = "f16")]
     cache_type: KvType,
+    /// Float summation order of the CPU kernels: `fast` (the default: this CPU's fastest kernels) or
+    /// `llama-cpp-avx2` (the orders of llama.cpp's portable AVX2 build, unpacked weights, slower; with
+    /// `--cache-type f32` a Q8_0 model's tokens are bit-identical to that build's).
+    #[arg(long, value_name = "ORDER", default_value = "fast")]
+    numerics: Numerics,
     /// Restart a worker that exits on its own (the coordinator re-forms the cluster when it is back).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     restart_workers: bool,
@@ -219,6 +224,11 @@ struct EngineArgs {
     /// values, twice the memory; CPU only).
     #[arg(long, value_name = "TYPE", default_value = "f16")]
     cache_type: KvType,
+    /// Float summation order of the CPU kernels: `fast` (the default: this CPU's fastest kernels) or
+    /// `llama-cpp-avx2` (the orders of llama.cpp's portable AVX2 build, unpacked weights, slower; with
+    /// `--cache-type f32` a Q8_0 model's tokens are bit-identical to that build's).
+    #[arg(long, value_name = "ORDER", default_value = "fast")]
+    numerics: Numerics,
 }
 
 impl EngineArgs {
@@ -308,6 +318,7 @@ fn run(args: RunArgs) -> Result<()> {
         max_logits: 1,
         device: args.engine.device,
         kv_type: args.engine.cache_type,
+        numerics: args.engine.numerics,
     };
     let params = SamplingParams {
         temperature: args.temp,
@@ -423,6 +434,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_logits: 64,
             device: args.engine.device,
             kv_type: args.engine.cache_type,
+            numerics: args.engine.numerics,
         };
         let (pipeline, model) = LocalPipeline::open(&args.model, threads, args.listen.ctx, options)
             .with_context(|| format!("opening {}", args.model[0].display()))?;
@@ -542,6 +554,8 @@ fn cluster(args: ClusterArgs) -> Result<()> {
             args.listen.ctx.to_string(),
             "--cache-type".into(),
             args.cache_type.to_string(),
+            "--numerics".into(),
+            args.numerics.to_string(),
         ],
         run_dir: run_dir.clone(),
         ready_timeout: std::time::Duration::from_secs(600),

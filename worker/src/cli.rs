@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::backend::Device;
 use crate::engine::EngineOptions;
+use crate::engine::Numerics;
 use crate::kv_cache::KvType;
 use crate::peer::PeerListener;
 use crate::service::{ServiceOptions, WorkerService, serve};
@@ -65,6 +66,12 @@ pub struct WorkerArgs {
     /// twice the memory; CPU only).
     #[arg(long, value_name = "TYPE", default_value = "f16")]
     pub cache_type: KvType,
+
+    /// Float summation order of the CPU kernels: `fast` (the default: this CPU's fastest kernels) or
+    /// `llama-cpp-avx2` (the orders of llama.cpp's portable AVX2 build, unpacked weights, slower; with
+    /// `--cache-type f32` a Q8_0 model's tokens are bit-identical to that build's).
+    #[arg(long, value_name = "ORDER", default_value = "fast")]
+    pub numerics: Numerics,
 
     /// Threads for the compute kernels. Default: every available core.
     #[arg(long, value_name = "N")]
@@ -189,6 +196,7 @@ fn options(args: &WorkerArgs, shard: &ShardDir) -> anyhow::Result<ServiceOptions
             max_logits: args.max_logits,
             device: args.device,
             kv_type: args.cache_type,
+            numerics: args.numerics,
         },
         max_context,
         kv_budget_bytes,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use shard_tool::config::ModelConfig;
 use shard_tool::plan::ShardSpec;
-use tessera_kernels::cpu::{AttnShape, Pool};
+use tessera_kernels::cpu::{AttnShape, Isa, Kernels, Pool};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
@@ -33,6 +33,55 @@ pub struct EngineOptions {
     /// Element type of the KV caches [`Engine::new_cache`] makes: f16 (llama.cpp's default), or f32 on the
     /// CPU (no rounding of K and V, twice the memory: what exact comparisons with an f32 reference need).
     pub kv_type: KvType,
+    /// Whose float summation order the CPU kernels follow (see [`Numerics`]).
+    pub numerics: Numerics,
+}
+
+/// Whose float summation order a CPU engine follows. Both compute the same model; they differ only in how
+/// sums are rounded, which decides a greedy token only where two logits are within rounding of each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Numerics {
+    /// This CPU's fastest kernels: 16-row interleaved weights, AVX-512 where the CPU has it.
+    #[default]
+    Fast,
+    /// The kernels of llama.cpp's portable AVX2 build (`GGML_NATIVE=OFF`, how llama-cpp-python builds on
+    /// x86-64): ggml's row-by-row AVX2 dot products and activation quantizers, its AVX2 `exp`/SiLU, and
+    /// with an f32 KV cache its attention order. Needs weights loaded unpacked
+    /// ([`Weights::from_checkpoint_with`]) and a CPU with AVX2 and FMA. With an f32 cache a Q8_0
+    /// model's logits are bit-identical to that build's; other types may still round differently (ggml
+    /// repacks Q4_0 and K-quants, and multiplies F32 weights with tinyBLAS).
+    LlamaCppAvx2,
+}
+
+impl std::str::FromStr for Numerics {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "fast" => Ok(Numerics::Fast),
+            "llama-cpp-avx2" => Ok(Numerics::LlamaCppAvx2),
+            other => Err(format!(
+                "unknown numerics '{other}' (expected fast or llama-cpp-avx2)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Numerics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Numerics::Fast => "fast",
+            Numerics::LlamaCppAvx2 => "llama-cpp-avx2",
+        })
+    }
+}
+
+impl EngineOptions {
+    /// Whether weights for this engine are re-laid out for the packed CPU kernels (see
+    /// [`Weights::from_checkpoint_with`]).
+    pub fn packs_weights(&self) -> bool {
+        self.device == Device::Cpu && self.numerics == Numerics::Fast
+    }
 }
 
 impl Default for EngineOptions {
@@ -42,6 +91,7 @@ impl Default for EngineOptions {
             max_logits: 64,
             device: Device::Cpu,
             kv_type: KvType::F16,
+            numerics: Numerics::Fast,
         }
     }
 }
@@ -126,8 +176,28 @@ impl<'m> Engine<'m> {
         if device != Device::Cpu && options.kv_type != KvType::F16 {
             return Err(gpu_cache_type(device, options.kv_type));
         }
+        let kernels = match options.numerics {
+            Numerics::Fast => Kernels::best(),
+            Numerics::LlamaCppAvx2 => {
+                if device != Device::Cpu {
+                    return Err(spec_err(format!(
+                        "llama.cpp AVX2 numerics are a CPU setting, this engine runs on {device}"
+                    )));
+                }
+                if let Some(m) = weights.matrices().find(|m| m.packed.is_some()) {
+                    return Err(spec_err(format!(
+                        "llama.cpp AVX2 numerics read weights in GGUF row order, but {} is packed \
+                         (load them with Weights::from_checkpoint_with these options)",
+                        m.name
+                    )));
+                }
+                Kernels::for_isa(Isa::Avx2).ok_or_else(|| {
+                    spec_err("llama.cpp AVX2 numerics need a CPU with AVX2, FMA and F16C".into())
+                })?
+            }
+        };
         let backend = match device {
-            Device::Cpu => Backends::Cpu(CpuBackend::new(pool, lens, t)),
+            Device::Cpu => Backends::Cpu(CpuBackend::new(pool, kernels, lens, t)),
             Device::Cuda(ordinal) => Backends::Cuda(Box::new(CudaBackend::new(
                 ordinal, &weights, &config, lens, t,
             )?)),

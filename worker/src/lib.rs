@@ -55,7 +55,7 @@ pub mod weights;
 pub use backend::Device;
 pub use batch::{Batch, Logits, Output, SeqSpan};
 pub use collective::{Collective, CollectiveError, LocalGroup, SingleRank};
-pub use engine::{Engine, EngineOptions};
+pub use engine::{Engine, EngineOptions, Numerics};
 pub use error::{Error, Result};
 pub use kv_cache::{KvCache, KvType};
 pub use peer::{AllReduceStats, PeerGroup, PeerListener};

@@ -267,7 +267,7 @@ impl WorkerService {
         })?;
 
         let started = Instant::now();
-        let weights = Weights::from_shard_dir_for(shard, options.engine.device)?;
+        let weights = Weights::from_shard_dir_with(shard, &options.engine)?;
         let (is_first, is_last) = (weights.is_first, weights.is_last);
         let layers = weights.layers.clone();
         let pool = Arc::new(Pool::new(options.threads));

@@ -27,6 +27,7 @@ use tessera_kernels::cpu::{PackedMatrix, QMatrix};
 use tessera_kernels::quant::{GgmlType, dequantize_row};
 
 use crate::backend::Device;
+use crate::engine::EngineOptions;
 use crate::error::{Error, Result};
 
 /// A weight matrix (or this shard's slice of one) in ggml layout: `rows` rows of `cols` elements, each row a
@@ -126,6 +127,32 @@ impl<'m> Weights<'m> {
         )
     }
 
+    /// As [`Weights::from_checkpoint`], laid out for an engine with `options`: packed for the fast CPU
+    /// kernels, else in GGUF row order (a GPU, or [`crate::Numerics::LlamaCppAvx2`]).
+    pub fn from_checkpoint_with(
+        ckpt: &'m Checkpoint,
+        spec: &ShardSpec,
+        options: &EngineOptions,
+    ) -> Result<Self> {
+        Self::load(
+            &ckpt.config,
+            spec,
+            &CheckpointSource(ckpt),
+            options.packs_weights(),
+        )
+    }
+
+    /// As [`Weights::from_shard_dir`], laid out for an engine with `options` (see
+    /// [`Weights::from_checkpoint_with`]).
+    pub fn from_shard_dir_with(dir: &'m ShardDir, options: &EngineOptions) -> Result<Self> {
+        Self::load(
+            dir.config(),
+            &dir.spec,
+            &ShardFileSource(dir),
+            options.packs_weights(),
+        )
+    }
+
     /// The shard a [`ShardDir`] holds.
     pub fn from_shard_dir(dir: &'m ShardDir) -> Result<Self> {
         Self::from_shard_dir_for(dir, Device::Cpu)
@@ -155,33 +182,35 @@ impl<'m> Weights<'m> {
         self.output.as_ref().or(self.token_embd.as_ref())
     }
 
+    /// Every weight matrix held: each block's seven, then the embedding and the untied LM head.
+    pub fn matrices(&self) -> impl Iterator<Item = &Matrix<'m>> {
+        self.blocks
+            .iter()
+            .flat_map(|b| {
+                [
+                    &b.attn_q,
+                    &b.attn_k,
+                    &b.attn_v,
+                    &b.attn_output,
+                    &b.ffn_gate,
+                    &b.ffn_up,
+                    &b.ffn_down,
+                ]
+            })
+            .chain(self.token_embd.as_ref())
+            .chain(self.output.as_ref())
+    }
+
     /// Bytes of all tensors held (views and copies alike).
     pub fn bytes(&self) -> usize {
-        let m = |m: &Matrix<'_>| m.data.len();
         let v = |v: &[f32]| v.len() * 4;
-        let blocks: usize = self
+        let norms: usize = self
             .blocks
             .iter()
-            .map(|b| {
-                v(&b.attn_norm)
-                    + v(&b.ffn_norm)
-                    + [
-                        &b.attn_q,
-                        &b.attn_k,
-                        &b.attn_v,
-                        &b.attn_output,
-                        &b.ffn_gate,
-                        &b.ffn_up,
-                        &b.ffn_down,
-                    ]
-                    .into_iter()
-                    .map(m)
-                    .sum::<usize>()
-            })
+            .map(|b| v(&b.attn_norm) + v(&b.ffn_norm))
             .sum();
-        blocks
-            + self.token_embd.as_ref().map_or(0, m)
-            + self.output.as_ref().map_or(0, m)
+        norms
+            + self.matrices().map(|m| m.data.len()).sum::<usize>()
             + self.output_norm.as_deref().map_or(0, v)
     }
 

@@ -273,7 +273,7 @@ pub fn open_model(
         }
         let dir: &'static ShardDir = Box::leak(Box::new(dir));
         let tokenizer = Tokenizer::from_shard_dir(&first, &dir.manifest)?;
-        let weights = Weights::from_shard_dir_for(dir, options.device)?;
+        let weights = Weights::from_shard_dir_with(dir, &options)?;
         let engine = Engine::new(
             weights,
             dir.config().clone(),
@@ -303,7 +303,7 @@ pub fn open_model(
         })?
         .shards
         .remove(0);
-    let weights = Weights::from_checkpoint_for(ckpt, &spec, options.device)?;
+    let weights = Weights::from_checkpoint_with(ckpt, &spec, &options)?;
     let engine = Engine::new(
         weights,
         ckpt.config.clone(),

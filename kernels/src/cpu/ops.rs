@@ -107,15 +107,37 @@ impl RopeCache {
                 "rope: rope_dim must be in 2..=head_dim (compute first)",
             ));
         }
-        for head in x.chunks_exact_mut(head_dim) {
-            for (p, cs) in head.chunks_exact_mut(2).zip(self.cs.chunks_exact(2)) {
-                let (x0, x1) = (p[0], p[1]);
-                p[0] = x0 * cs[0] - x1 * cs[1];
-                p[1] = x0 * cs[1] + x1 * cs[0];
-            }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has FMA (checked just above).
+            unsafe { rotate_heads_fma(x, head_dim, &self.cs) };
+            return Ok(());
         }
+        rotate_heads(x, head_dim, &self.cs);
         Ok(())
     }
+}
+
+/// The pair rotation as llama.cpp's x86 builds compile `rotate_pairs` (GCC contracts it into FMAs:
+/// `x0·cos − (x1·sin)` and `x0·sin + (x1·cos)` with the bracketed products rounded), so that rotated
+/// queries and keys are bit-identical to theirs.
+#[inline(always)]
+fn rotate_heads(x: &mut [f32], head_dim: usize, cs: &[f32]) {
+    for head in x.chunks_exact_mut(head_dim) {
+        for (p, cs) in head.chunks_exact_mut(2).zip(cs.chunks_exact(2)) {
+            let (x0, x1) = (p[0], p[1]);
+            p[0] = x0.mul_add(cs[0], -(x1 * cs[1]));
+            p[1] = x0.mul_add(cs[1], x1 * cs[0]);
+        }
+    }
+}
+
+/// [`rotate_heads`] compiled with FMA, so `mul_add` is one instruction rather than a libm call (the
+/// results are the same: a fused multiply-add is exact either way).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn rotate_heads_fma(x: &mut [f32], head_dim: usize, cs: &[f32]) {
+    rotate_heads(x, head_dim, cs);
 }
 
 /// RoPE in llama.cpp's "normal" mode (`GGML_ROPE_TYPE_NORM`: adjacent pairs, which the GGUF Q/K row order

@@ -489,8 +489,10 @@ extern "C" __global__ void rope_f32(float* __restrict__ x, const float* __restri
         float* p = x + th * head_dim + 2 * pair;
         const float c = cs[t * rope_dim + 2 * pair], s = cs[t * rope_dim + 2 * pair + 1];
         const float x0 = p[0], x1 = p[1];
-        p[0] = x0 * c - x1 * s;
-        p[1] = x0 * s + x1 * c;
+        // The host's rotation (`RopeCache::apply`, as llama.cpp's x86 builds compile it): one FMA over a
+        // rounded product, so a rotated key is the same bits on either device.
+        p[0] = fmaf(x0, c, -__fmul_rn(x1, s));
+        p[1] = fmaf(x0, s, __fmul_rn(x1, c));
     }
 }
 

@@ -6,8 +6,8 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use tessera_kernels::cpu::{
-    self, AttnShape, KernelError, Pool, QMatrix, RopeCache, Scratch, attention_batch, get_row,
-    rms_norm, silu_mul,
+    self, AttnShape, KernelError, Kernels, Pool, QMatrix, RopeCache, Scratch, attention_batch,
+    get_row, rms_norm,
 };
 
 use super::{Backend, Buf, Device, SeqAttention, Tensor};
@@ -19,6 +19,9 @@ use crate::weights::{Matrix, Weights};
 
 pub(crate) struct CpuBackend {
     pool: Arc<Pool>,
+    /// The kernel table of the engine's [`crate::Numerics`] (the CPU's best, or llama.cpp's AVX2 level) for
+    /// unpacked matmuls, SwiGLU and the f32-cache softmax; packed matrices use the table that packed them.
+    kernels: &'static Kernels,
     /// One buffer per [`Buf`], in `Buf::ALL` order, sized by the engine for its largest batch.
     bufs: [Vec<f32>; 10],
     /// RoPE cos/sin of each token's position (computed once per batch, used by every layer).
@@ -32,9 +35,15 @@ pub(crate) struct CpuBackend {
 impl CpuBackend {
     /// Buffers of `lens[b]` values for each [`Buf`] `b` (in `Buf::ALL` order) and RoPE angles for
     /// `max_tokens` tokens.
-    pub(crate) fn new(pool: Arc<Pool>, lens: [usize; 10], max_tokens: usize) -> Self {
+    pub(crate) fn new(
+        pool: Arc<Pool>,
+        kernels: &'static Kernels,
+        lens: [usize; 10],
+        max_tokens: usize,
+    ) -> Self {
         CpuBackend {
             pool,
+            kernels,
             bufs: lens.map(|n| vec![0.0; n]),
             rope: vec![RopeCache::new(); max_tokens],
             scratch: Scratch::new(),
@@ -110,7 +119,9 @@ impl Backend for CpuBackend {
         let (x, y) = (&x[..n * w.cols], &mut y[..n * w.rows]);
         match &w.packed {
             Some(p) => cpu::matmul_packed(&self.pool, p, x, n, y, &mut self.scratch),
-            None => cpu::matmul(&self.pool, &qmatrix(w)?, x, n, y, &mut self.scratch),
+            None => self
+                .kernels
+                .matmul(&self.pool, &qmatrix(w)?, x, n, y, &mut self.scratch),
         }
         .map_err(kernel(&w.name))
     }
@@ -170,12 +181,13 @@ impl Backend for CpuBackend {
             )
             .map_err(kernel("attention")),
             LayerKv::F32(k_cache, v_cache) => {
-                let need = self.pool.n_threads() * cache.ctx();
+                let need = self.pool.n_threads() * cache.ctx().next_multiple_of(8);
                 if self.scores.len() < need {
                     self.scores.resize(need, 0.0);
                 }
                 attention_batch_f32(
                     &self.pool,
+                    self.kernels,
                     shape,
                     q,
                     n_tokens,
@@ -197,7 +209,9 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&mut self, len: usize) -> Result<()> {
         let (up, gate) = Self::pair(&mut self.bufs, Buf::Up, Buf::Gate);
-        silu_mul(&mut gate[..len], &up[..len]).map_err(kernel("silu_mul"))
+        self.kernels
+            .silu_mul(&mut gate[..len], &up[..len])
+            .map_err(kernel("silu_mul"))
     }
 
     fn add(&mut self, x: Buf, d: Buf, len: usize) -> Result<()> {

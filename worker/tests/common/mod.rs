@@ -105,16 +105,21 @@ pub fn single(ckpt: &Checkpoint) -> Engine<'_> {
 
 /// A single-process engine whose kernels run on `n_threads` threads.
 pub fn single_threads(ckpt: &Checkpoint, n_threads: usize) -> Engine<'_> {
+    single_with(ckpt, n_threads, options())
+}
+
+/// A single-process engine over `ckpt` with `options`, its weights laid out for them.
+pub fn single_with(ckpt: &Checkpoint, n_threads: usize, options: EngineOptions) -> Engine<'_> {
     let p = plan_for(ckpt, 1, 1);
     let spec = p.shard(0, 0).unwrap().clone();
-    let weights = Weights::from_checkpoint(ckpt, &spec).unwrap();
+    let weights = Weights::from_checkpoint_with(ckpt, &spec, &options).unwrap();
     Engine::new(
         weights,
         ckpt.config.clone(),
         spec,
         Box::new(SingleRank),
         Arc::new(Pool::new(n_threads)),
-        options(),
+        options,
     )
     .unwrap()
 }

@@ -1,11 +1,10 @@
-//! Causal attention over an **f32** KV cache ([`crate::kv_cache::KvType::F32`]).
-//!
-//! TODO(kernels): `tessera_kernels::cpu` has attention over an f16 cache only (`attention_batch`). This is a
-//! plain stand-in with the same shapes and semantics, following llama.cpp's non-flash f32
-//! path (`kq = K·q` in f32, `soft_max_ext` with the scale, `V·p`): it exists so that the engine can be
-//! compared with reference logits made with an F32 cache without the f16 rounding in between. Move it into
-//! the kernels (threaded, SIMD dots) or drop it once they offer an f32 cache.
+//! Causal attention over an **f32** KV cache ([`crate::kv_cache::KvType::F32`]), the cache exact
+//! comparisons with llama.cpp use: its non-flash path (`kq = K·q`, `soft_max_ext` with the scale over its
+//! padded, masked row, `V·p`) with every sum in the order of llama.cpp's AVX2 build
+//! (`tessera_kernels::cpu::ggml_f32`), so that with [`crate::Numerics::LlamaCppAvx2`] the outputs are its
+//! bits. Not tuned for speed: production caches are f16 (`tessera_kernels::cpu::attention_batch`).
 
+use tessera_kernels::cpu::ggml_f32::{F32Order, dot_f32, weighted_rows_f32};
 use tessera_kernels::cpu::{AttnShape, Kernels, Pool};
 
 /// As `tessera_kernels::cpu::attention_batch`, over f32 `k_cache`/`v_cache` (`[pos][n_kv_heads][head_dim]`,
@@ -72,7 +71,7 @@ pub(crate) fn attention_batch_f32(
         let Some(w) = work.get(ti) else { return };
         let mut guard = w.lock().unwrap_or_else(|e| e.into_inner());
         let (out, s_row) = &mut *guard;
-        let mut acc = vec![[[0.0f32; 8]; 4]; d];
+        let mut acc = Vec::new();
         for (local, oh) in out.chunks_mut(d).enumerate() {
             let item = ti * per + local;
             let (t, h) = (item / n_heads, item % n_heads);
@@ -83,61 +82,18 @@ pub(crate) fn attention_batch_f32(
             let s = &mut s_row[..padded];
             let k_rows = (0..n_kv).map(|j| &k_cache[j * kv_row + kv_off..][..d]);
             for (sj, kj) in s.iter_mut().zip(k_rows) {
-                *sj = dot_ggml_f32(qh, kj) * scale;
+                *sj = dot_f32(qh, kj) * scale;
             }
             // llama.cpp's row is its padded KV length, masked with -inf: exp gives exact zeros.
             s[n_kv..].fill(f32::NEG_INFINITY);
             kernels.softmax(s);
-            // `V·p`, position j in lane j % 8 of accumulator (j / 8) % 4 (ggml_vec_dot_f32 over llama.cpp's
-            // zero-padded row) or of the single tinyBLAS accumulator; the padding adds exact zeros.
-            acc.iter_mut().for_each(|a| *a = [[0.0; 8]; 4]);
-            for (j, &p) in s[..n_kv].iter().enumerate() {
-                let (r, m) = (if one_token { (j / 8) % 4 } else { 0 }, j % 8);
-                let v = &v_cache[j * kv_row + kv_off..][..d];
-                for (a, &x) in acc.iter_mut().zip(v) {
-                    a[r][m] = x.mul_add(p, a[r][m]);
-                }
-            }
-            for (o, a) in oh.iter_mut().zip(acc.iter()) {
-                *o = if one_token { reduce_ggml_f32(a) } else { hsum8(&a[0]) };
-            }
+            let order = if one_token {
+                F32Order::VecDot
+            } else {
+                F32Order::TinyBlas
+            };
+            weighted_rows_f32(oh, &s[..n_kv], &v_cache[kv_off..], kv_row, order, &mut acc);
         }
     });
     Ok(())
-}
-
-/// Horizontal sum of 8 lanes in the order of ggml's `hsum_float_8` / tinyBLAS `hsum` (128-bit halves, then
-/// pairs two apart, then the last two).
-fn hsum8(a: &[f32; 8]) -> f32 {
-    let v: [f32; 4] = std::array::from_fn(|m| a[m + 4] + a[m]);
-    (v[0] + v[2]) + (v[1] + v[3])
-}
-
-/// `a·b` as ggml's AVX2 `ggml_vec_dot_f32`: four 8-lane FMA accumulators over 32-element steps, reduced
-/// pairwise (`GGML_F32x8_REDUCE`: 0+2, 1+3, then 0+1, then the halves and two `hadd`s), leftovers FMA'd
-/// one by one.
-fn dot_ggml_f32(a: &[f32], b: &[f32]) -> f32 {
-    let np = a.len() & !31;
-    let mut sum = [[0.0f32; 8]; 4];
-    for (x, y) in a[..np].chunks_exact(32).zip(b[..np].chunks_exact(32)) {
-        for (j, s) in sum.iter_mut().enumerate() {
-            for m in 0..8 {
-                s[m] = x[8 * j + m].mul_add(y[8 * j + m], s[m]);
-            }
-        }
-    }
-    let mut r = reduce_ggml_f32(&sum);
-    for (x, y) in a[np..].iter().zip(&b[np..]) {
-        r = x.mul_add(*y, r);
-    }
-    r
-}
-
-/// `GGML_F32x8_REDUCE`: accumulators 0+2 and 1+3, then 0+1, then the 128-bit halves and two `hadd`s.
-fn reduce_ggml_f32(sum: &[[f32; 8]; 4]) -> f32 {
-    let s0: [f32; 8] = std::array::from_fn(|m| sum[0][m] + sum[2][m]);
-    let s1: [f32; 8] = std::array::from_fn(|m| sum[1][m] + sum[3][m]);
-    let s: [f32; 8] = std::array::from_fn(|m| s0[m] + s1[m]);
-    let t: [f32; 4] = std::array::from_fn(|m| s[m] + s[m + 4]);
-    (t[0] + t[1]) + (t[2] + t[3])
 }

@@ -466,7 +466,9 @@ fn greedy_continuations_equal_llama_cpp() {
         ("smollm2-q8_0", Numerics::Fast, false),
     ] {
         if numerics == Numerics::LlamaCppAvx2 && !avx2_available() {
-            missing(format!("{name}: this CPU has no AVX2 for llama.cpp's AVX2 numerics"));
+            missing(format!(
+                "{name}: this CPU has no AVX2 for llama.cpp's AVX2 numerics"
+            ));
             continue;
         }
         let run = json["runs"]

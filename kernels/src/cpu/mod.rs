@@ -28,6 +28,7 @@ use thiserror::Error;
 use crate::quant::{GgmlType, QuantError, dequantize_row};
 
 mod attention;
+pub mod ggml_f32;
 mod isa;
 mod layout;
 mod matmul;

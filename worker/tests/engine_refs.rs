@@ -25,6 +25,8 @@
 //!   a per-type threshold, the greedy token agrees in at least 90% of positions, and every disagreement is
 //!   explained (llama.cpp's margin there is under twice the largest logit difference measured). The greedy
 //!   continuation is teacher-forced with llama.cpp's tokens, so one disagreement does not derail the rest.
+//! - With [`Numerics::LlamaCppAvx2`] (llama.cpp's AVX2 summation orders, unpacked weights) Q8_0 has no such
+//!   flips: its prompt logits and 64-token greedy continuation are the fixture build's bits.
 
 mod common;
 

@@ -39,7 +39,8 @@ pub(crate) fn attention_batch_f32(
     let row = n_kv_max.next_multiple_of(8);
     // llama.cpp multiplies by V with llamafile's tinyBLAS when the batch has two or more tokens, with
     // `ggml_vec_dot_f32` for one (tinyBLAS declines n < 2); K·q is always `ggml_vec_dot_f32` (its query
-    // view is not contiguous, or the batch is one token).
+    // view is not contiguous, or the batch is one token). Decided per sequence: llama.cpp's choice for a
+    // batch of this one sequence.
     let one_token = n_tokens == 1;
     let n_threads = pool.n_threads();
     if q.len() != n_tokens * q_row

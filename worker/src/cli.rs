@@ -69,7 +69,7 @@ pub struct WorkerArgs {
 
     /// Float summation order of the CPU kernels: `fast` (the default: this CPU's fastest kernels) or
     /// `llama-cpp-avx2` (the orders of llama.cpp's portable AVX2 build, unpacked weights, slower; with
-    /// `--cache-type f32` a Q8_0 model's tokens are bit-identical to that build's).
+    /// `--cache-type f32` Q8_0 and Q4_1 models give that build's tokens bit for bit).
     #[arg(long, value_name = "ORDER", default_value = "fast")]
     pub numerics: Numerics,
 

@@ -47,9 +47,9 @@ pub enum Numerics {
     /// The kernels of llama.cpp's portable AVX2 build (`GGML_NATIVE=OFF`, how llama-cpp-python builds on
     /// x86-64): ggml's row-by-row AVX2 dot products and activation quantizers, its AVX2 `exp`/SiLU, and
     /// with an f32 KV cache its attention order. Needs weights loaded unpacked
-    /// ([`Weights::from_checkpoint_with`]) and a CPU with AVX2 and FMA. With an f32 cache a Q8_0
-    /// model's logits are bit-identical to that build's; other types may still round differently (ggml
-    /// repacks Q4_0 and K-quants, and multiplies F32 weights with tinyBLAS).
+    /// ([`Weights::from_checkpoint_with`]) and a CPU with AVX2 and FMA. With an f32 cache Q8_0 and Q4_1
+    /// models' logits are bit-identical to that build's; other types may still round differently (ggml
+    /// repacks Q4_0 and K-quants, and multiplies F32/F16/BF16 weights with tinyBLAS in prefill).
     LlamaCppAvx2,
 }
 

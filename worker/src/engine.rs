@@ -44,8 +44,8 @@ pub enum Numerics {
     /// This CPU's fastest kernels: 16-row interleaved weights, AVX-512 where the CPU has it.
     #[default]
     Fast,
-    /// The kernels of llama.cpp's portable AVX2 build (`GGML_NATIVE=OFF`, how llama-cpp-python builds on
-    /// x86-64): ggml's row-by-row AVX2 dot products and activation quantizers, its AVX2 `exp`/SiLU, and
+    /// The kernels of llama.cpp's portable AVX2 build (`GGML_NATIVE=OFF`, the build
+    /// `scripts/gen_engine_refs.py` makes its references with): ggml's row-by-row AVX2 dot products and activation quantizers, its AVX2 `exp`/SiLU, and
     /// with an f32 KV cache its attention order. Needs weights loaded unpacked
     /// ([`Weights::from_checkpoint_with`]) and a CPU with AVX2 and FMA. With an f32 cache Q8_0 and Q4_1
     /// models' logits are bit-identical to that build's; other types may still round differently (ggml

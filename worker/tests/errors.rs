@@ -8,7 +8,10 @@ use std::sync::Arc;
 use common::*;
 use shard_tool::plan::Slice;
 use tessera_kernels::cpu::Pool;
-use tessera_worker::{Batch, Engine, Error, LocalGroup, Logits, ShardDir, SingleRank, Weights};
+use tessera_worker::{
+    Batch, Engine, EngineOptions, Error, LocalGroup, Logits, Numerics, ShardDir, SingleRank,
+    Weights,
+};
 
 const F32: &str = "gguf/tiny_llama.gguf";
 
@@ -186,6 +189,53 @@ fn engine_checks_its_collective() {
         err,
         "shard spec (stage 0, rank 1): the collective is rank 0 of 1, the shard is rank 1"
     );
+}
+
+/// llama.cpp's AVX2 numerics read GGUF row order: packed weights are refused with the tensor's name, and
+/// weights laid out for the options are accepted.
+#[test]
+fn llama_cpp_numerics_refuse_packed_weights() {
+    let ckpt = open(F32);
+    let plan = plan_for(&ckpt, 1, 1);
+    let spec = plan.shard(0, 0).unwrap().clone();
+    let opts = EngineOptions {
+        numerics: Numerics::LlamaCppAvx2,
+        ..options()
+    };
+    let engine = |w: Weights<'_>| {
+        Engine::new(
+            w,
+            ckpt.config.clone(),
+            spec.clone(),
+            Box::new(SingleRank),
+            Arc::new(Pool::new(1)),
+            opts,
+        )
+        .map(|_| ())
+    };
+    let packed = Weights::from_checkpoint(&ckpt, &spec).unwrap();
+    let first_packed = packed
+        .matrices()
+        .find(|m| m.packed.is_some())
+        .map(|m| m.name.clone());
+    let avx2 = tessera_kernels::cpu::Kernels::for_isa(tessera_kernels::cpu::Isa::Avx2).is_some();
+    match (engine(packed), first_packed) {
+        (Err(e), Some(name)) => assert_eq!(
+            e.to_string(),
+            format!(
+                "shard spec (stage 0, rank 0): llama.cpp AVX2 numerics read weights in GGUF row order, but \
+                 {name} is packed (load them with Weights::from_checkpoint_with these options)"
+            )
+        ),
+        (result, first) => assert!(
+            first.is_none() && result.is_ok() == avx2,
+            "packed {first:?}: {:?}",
+            result.err().map(|e| e.to_string())
+        ),
+    }
+    let laid_out = Weights::from_checkpoint_with(&ckpt, &spec, &opts).unwrap();
+    assert!(laid_out.matrices().all(|m| m.packed.is_none()));
+    assert_eq!(engine(laid_out).is_ok(), avx2);
 }
 
 /// A rank whose forward fails and whose engine goes away makes its peers fail too, instead of hanging.

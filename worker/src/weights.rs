@@ -119,12 +119,11 @@ impl<'m> Weights<'m> {
         spec: &ShardSpec,
         device: Device,
     ) -> Result<Self> {
-        Self::load(
-            &ckpt.config,
-            spec,
-            &CheckpointSource(ckpt),
-            device == Device::Cpu,
-        )
+        let options = EngineOptions {
+            device,
+            ..EngineOptions::default()
+        };
+        Self::from_checkpoint_with(ckpt, spec, &options)
     }
 
     /// As [`Weights::from_checkpoint`], laid out for an engine with `options`: packed for the fast CPU
@@ -161,12 +160,11 @@ impl<'m> Weights<'m> {
     /// As [`Weights::from_shard_dir`], laid out for an engine on `device` (see
     /// [`Weights::from_checkpoint_for`]).
     pub fn from_shard_dir_for(dir: &'m ShardDir, device: Device) -> Result<Self> {
-        Self::load(
-            dir.config(),
-            &dir.spec,
-            &ShardFileSource(dir),
-            device == Device::Cpu,
-        )
+        let options = EngineOptions {
+            device,
+            ..EngineOptions::default()
+        };
+        Self::from_shard_dir_with(dir, &options)
     }
 
     /// The embedding matrix, on the first stage.

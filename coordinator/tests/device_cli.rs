@@ -1,5 +1,6 @@
-//! `--device` on the command line: a bad value is a usage error naming the accepted forms, and `cuda:N` on a
-//! machine without an NVIDIA driver stops with a message naming the missing library, never a panic.
+//! `--device` and `--numerics` on the command line: a bad value is a usage error naming the accepted forms,
+//! `cuda:N` on a machine without an NVIDIA driver stops with a message naming the missing library, never a
+//! panic, and `--numerics llama-cpp-avx2` runs a model end to end.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,13 +12,69 @@ fn tiny() -> PathBuf {
 }
 
 fn tessera(args: &[&str]) -> (i32, String) {
+    let (code, _, stderr) = tessera_out(args);
+    (code, stderr)
+}
+
+/// Exit code, stdout and stderr of `tessera ARGS`.
+fn tessera_out(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(args)
         .output()
         .expect("running tessera");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "tessera panicked: {stderr}");
-    (out.status.code().unwrap_or(-1), stderr)
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+#[test]
+fn unknown_numerics_is_a_usage_error() {
+    let model = tiny();
+    let (code, err) = tessera(&[
+        "run",
+        model.to_str().unwrap(),
+        "-p",
+        "hi",
+        "--numerics",
+        "exact",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("unknown numerics 'exact' (expected fast or llama-cpp-avx2)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn llama_cpp_numerics_run_end_to_end() {
+    let model = tiny();
+    let (code, out, err) = tessera_out(&[
+        "run",
+        model.to_str().unwrap(),
+        "-p",
+        "hi",
+        "-n",
+        "4",
+        "--ctx",
+        "64",
+        "--temp",
+        "0",
+        "--threads",
+        "2",
+        "--cache-type",
+        "f32",
+        "--numerics",
+        "llama-cpp-avx2",
+    ]);
+    let avx2 = tessera_kernels::cpu::Kernels::for_isa(tessera_kernels::cpu::Isa::Avx2).is_some();
+    if avx2 {
+        assert_eq!(code, 0, "{err}");
+        assert!(out.starts_with("hi") && out.len() > 2, "{out:?}");
+    } else {
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("need a CPU with AVX2"), "{err}");
+    }
 }
 
 #[test]

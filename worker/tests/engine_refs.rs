@@ -475,18 +475,9 @@ fn greedy_continuations_equal_llama_cpp() {
             ));
             continue;
         }
-        let run = json["runs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["run"] == name)
-            .unwrap_or_else(|| panic!("{name}: no reference run"));
-        let path = models.join(run["file"].as_str().unwrap());
-        if !path.exists() {
-            missing(format!("{name}: {} absent", path.display()));
+        let Some((run, ckpt)) = run_and_model(&json, &models, name) else {
             continue;
-        }
-        let ckpt = shard_tool::checkpoint::Checkpoint::open(&[path]).unwrap();
+        };
         let mut engine = single_with(
             &ckpt,
             2,
@@ -518,6 +509,30 @@ fn greedy_continuations_equal_llama_cpp() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// Reference run `name` of `json` and its model file opened, or `None` (reported by [`missing`]) when the
+/// file is absent.
+fn run_and_model<'a>(
+    json: &'a Value,
+    models: &Path,
+    name: &str,
+) -> Option<(&'a Value, shard_tool::checkpoint::Checkpoint)> {
+    let run = json["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run"] == name)
+        .unwrap_or_else(|| panic!("{name}: no reference run"));
+    let path = models.join(run["file"].as_str().unwrap());
+    if !path.exists() {
+        missing(format!("{name}: {} absent", path.display()));
+        return None;
+    }
+    Some((
+        run,
+        shard_tool::checkpoint::Checkpoint::open(&[path]).unwrap(),
+    ))
+}
+
 fn avx2_available() -> bool {
     tessera_kernels::cpu::Kernels::for_isa(tessera_kernels::cpu::Isa::Avx2).is_some()
 }
@@ -538,18 +553,9 @@ fn prompt_logits_bit_identical_with_llama_cpp_numerics() {
     }
     let mut failures = Vec::new();
     for name in ["smollm2-q8_0", "smollm2-q4_1"] {
-        let run = json["runs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["run"] == name)
-            .unwrap_or_else(|| panic!("{name}: no reference run"));
-        let path = models.join(run["file"].as_str().unwrap());
-        if !path.exists() {
-            missing(format!("{name}: {} absent", path.display()));
+        let Some((run, ckpt)) = run_and_model(&json, &models, name) else {
             continue;
-        }
-        let ckpt = shard_tool::checkpoint::Checkpoint::open(&[path]).unwrap();
+        };
         let mut engine = single_with(
             &ckpt,
             2,

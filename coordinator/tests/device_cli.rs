@@ -11,11 +11,6 @@ fn tiny() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf/tiny_llama.gguf")
 }
 
-fn tessera(args: &[&str]) -> (i32, String) {
-    let (code, _, stderr) = tessera_out(args);
-    (code, stderr)
-}
-
 /// Exit code, stdout and stderr of `tessera ARGS`.
 fn tessera_out(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
@@ -28,17 +23,17 @@ fn tessera_out(args: &[&str]) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), stdout, stderr)
 }
 
+/// `tessera run TINY -p hi EXTRA…`: exit code, stdout and stderr.
+fn run_tiny(extra: &[&str]) -> (i32, String, String) {
+    let model = tiny();
+    let mut args = vec!["run", model.to_str().unwrap(), "-p", "hi"];
+    args.extend_from_slice(extra);
+    tessera_out(&args)
+}
+
 #[test]
 fn unknown_numerics_is_a_usage_error() {
-    let model = tiny();
-    let (code, err) = tessera(&[
-        "run",
-        model.to_str().unwrap(),
-        "-p",
-        "hi",
-        "--numerics",
-        "exact",
-    ]);
+    let (code, _, err) = run_tiny(&["--numerics", "exact"]);
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("unknown numerics 'exact' (expected fast or llama-cpp-avx2)"),
@@ -48,12 +43,7 @@ fn unknown_numerics_is_a_usage_error() {
 
 #[test]
 fn llama_cpp_numerics_run_end_to_end() {
-    let model = tiny();
-    let (code, out, err) = tessera_out(&[
-        "run",
-        model.to_str().unwrap(),
-        "-p",
-        "hi",
+    let (code, out, err) = run_tiny(&[
         "-n",
         "4",
         "--ctx",
@@ -79,15 +69,7 @@ fn llama_cpp_numerics_run_end_to_end() {
 
 #[test]
 fn unknown_device_is_a_usage_error() {
-    let model = tiny();
-    let (code, err) = tessera(&[
-        "run",
-        model.to_str().unwrap(),
-        "-p",
-        "hi",
-        "--device",
-        "tpu:0",
-    ]);
+    let (code, _, err) = run_tiny(&["--device", "tpu:0"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("unknown device \"tpu:0\""), "{err}");
     assert!(err.contains("cuda:N"), "{err}");
@@ -99,17 +81,7 @@ fn cuda_without_a_driver_names_the_library() {
         eprintln!("an NVIDIA driver is present: nothing to check here");
         return;
     }
-    let model = tiny();
-    let (code, err) = tessera(&[
-        "run",
-        model.to_str().unwrap(),
-        "-p",
-        "hi",
-        "-n",
-        "2",
-        "--device",
-        "cuda:0",
-    ]);
+    let (code, _, err) = run_tiny(&["-n", "2", "--device", "cuda:0"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("device cuda:0"), "{err}");
     assert!(err.contains("libcuda"), "{err}");

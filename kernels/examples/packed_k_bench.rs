@@ -2,6 +2,8 @@
 //! Several copies of each matrix are cycled so that every call streams from DRAM (more than L3).
 //! `packed_k_bench [threads] [n_tokens] [reps]`; `COPIES=1` keeps one copy (cache-resident: compute speed).
 //! Samples during which other processes used the CPU are dropped; best and median of the rest.
+//! Also prints the machine's `vpdpbusd` issue rate (the multiply-add ceiling of every VNNI tile) and each
+//! shape's multiply-adds per second as a share of it, for telling a kernel's slack from the machine's limit.
 use std::time::Instant;
 use tessera_kernels::cpu::{PackedMatrix, Pool, QMatrix, Scratch, matmul_packed};
 use tessera_kernels::quant::{GgmlType, quantize_row};
@@ -45,6 +47,49 @@ fn read_bandwidth(threads: usize, reps: usize) -> f64 {
     best
 }
 
+/// Multiply-adds per second (in billions) that `threads` threads reach issuing nothing but independent
+/// 512-bit `vpdpbusd` (64 u8×i8 products each), or `None` without AVX-512 VNNI.
+fn vnni_peak_gmacs(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        const ITERS: u64 = 50_000_000;
+        #[target_feature(enable = "avx512f,avx512vnni")]
+        fn spin(iters: u64) -> i32 {
+            let (x, y) = (
+                _mm512_set1_epi8(std::hint::black_box(3)),
+                _mm512_set1_epi8(std::hint::black_box(5)),
+            );
+            // Ten independent accumulators cover vpdpbusd's latency.
+            let mut acc = [_mm512_setzero_si512(); 10];
+            for _ in 0..iters {
+                for a in &mut acc {
+                    *a = _mm512_dpbusd_epi32(*a, x, y);
+                }
+            }
+            acc.iter()
+                .fold(0, |s, &a| s.wrapping_add(_mm512_reduce_add_epi32(a)))
+        }
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")) {
+            return None;
+        }
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                // SAFETY: AVX-512 F and VNNI were detected above.
+                s.spawn(|| std::hint::black_box(unsafe { spin(ITERS) }));
+            }
+        });
+        let macs = (threads.max(1) as u64 * ITERS * 10 * 64) as f64;
+        Some(macs / t.elapsed().as_secs_f64() / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
+}
+
 /// (busy jiffies of the whole machine, jiffies of this process), to drop samples during which other
 /// processes ran (this VM is shared with builds).
 fn jiffies() -> (u64, u64) {
@@ -79,6 +124,13 @@ fn main() {
     let pool = Pool::new(threads);
     let mut s = Scratch::new();
     println!("read bandwidth {:.1} GB/s", read_bandwidth(threads, 5));
+    let peak = (0..3)
+        .filter_map(|_| vnni_peak_gmacs(threads))
+        .reduce(f64::max);
+    match peak {
+        Some(p) => println!("vpdpbusd peak {p:.1} GMAC/s ({threads} threads)"),
+        None => println!("vpdpbusd peak: no AVX-512 VNNI on this CPU"),
+    }
     let copies = std::env::var("COPIES")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -121,8 +173,12 @@ fn main() {
             x.first().copied().unwrap_or(f64::NAN),
             x.get(x.len() / 2).copied().unwrap_or(f64::NAN),
         );
+        let gmacs = (rows * cols * nt) as f64 / best / 1e9;
+        let share = peak.map_or(String::new(), |p| {
+            format!(" ({:.0}% of peak)", 100.0 * gmacs / p)
+        });
         println!(
-            "{ty:?} {rows}x{cols} nt={nt}: n={} best {:.1} us {:.1} GB/s, median {:.1} GB/s",
+            "{ty:?} {rows}x{cols} nt={nt}: n={} best {:.1} us {:.1} GB/s {gmacs:.1} GMAC/s{share}, median {:.1} GB/s",
             x.len(),
             best * 1e6,
             bytes as f64 / best / 1e9,
